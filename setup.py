@@ -1,0 +1,28 @@
+"""megatron_edit: Local SGD (DiLoCo, EDiT, A-EDiT, Streaming DiLoCo) for NVIDIA megatron-core.
+
+Install on a CPU-only machine with torch pinned first (plain ``torch`` pulls a multi-GB CUDA build):
+    pip install torch==2.13.0 && pip install -e .[test]
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_edit",
+    version="0.1.0",
+    description="Local SGD (DiLoCo / EDiT / A-EDiT / Streaming DiLoCo) plugin for megatron-core",
+    packages=find_packages(include=["megatron_edit", "megatron_edit.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # The CPU compatibility layer and the adapter are checked against these versions
+        # (megatron_edit/mcore_adapter.py: SUPPORTED_MCORE).
+        "megatron-core>=0.16.1,<0.17",
+        "torch>=2.6",
+        "numpy",
+        "sentencepiece",
+        "einops",  # needed by megatron-core's parallel_state for partial distributed optimizer groups
+        "psutil",  # needed by megatron-core's dist_checkpointing, not declared by it
+    ],
+    extras_require={
+        "test": ["pytest", "tensorboard", "matplotlib"],
+        "te": ["transformer-engine[pytorch]"],
+    },
+)
