@@ -53,3 +53,68 @@ def ddp_bucket_groups(ddp_module: Any) -> list:
     buckets' params and whose ``buckets[i]`` hold ``params_list``, ``param_data`` and the shard range
     (``param_index_map`` / the distributed optimizer's ``gbuf_ranges``)."""
     return list(ddp_module.bucket_groups) + list(ddp_module.expert_parallel_bucket_groups)
+
+
+def param_to_bucket_group(ddp_module: Any) -> dict:
+    """DDP's ``param_to_bucket_group`` map (0.16.1 attribute; absent without the distributed optimizer's
+    overlap paths in some versions, hence the default)."""
+    return dict(getattr(ddp_module, "param_to_bucket_group", {}))
+
+
+def sub_optimizers(optimizer: Any) -> list:
+    """``ChainedOptimizer.chained_optimizers`` or the optimizer itself."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def main_param_pairs(optimizer: Any) -> list[tuple[Any, Any, Any]]:
+    """(model_param, fp32 main param, view of the model param that the main param mirrors).
+
+    Relies on 0.16.1 internals:
+    - DistributedOptimizer: ``model_float16_groups`` / ``shard_fp32_from_float16_groups`` and
+      ``model_fp32_groups`` / ``shard_fp32_groups`` (parallel lists per param group), and
+      ``_get_model_param_range_map(p)["param"]`` (the shard's range inside the flattened param).
+    - Float16OptimizerWithFloat16Params: ``float16_groups`` / ``fp32_from_float16_groups`` and
+      ``fp32_from_fp32_groups`` (main == model param).
+    - FP32Optimizer: its torch optimizer's params are the model params.
+    """
+    pairs = []
+    for opt in sub_optimizers(optimizer):
+        if hasattr(opt, "shard_fp32_from_float16_groups"):
+            groups = list(zip(opt.model_float16_groups, opt.shard_fp32_from_float16_groups))
+            groups += list(zip(opt.model_fp32_groups, opt.shard_fp32_groups))
+            for model_group, main_group in groups:
+                for model_param, main in zip(model_group, main_group):
+                    r = opt._get_model_param_range_map(model_param)["param"]
+                    view = model_param.detach().view(-1)[r.start:r.end]
+                    pairs.append((model_param, main, view))
+        elif hasattr(opt, "fp32_from_float16_groups"):
+            for model_group, main_group in zip(opt.float16_groups, opt.fp32_from_float16_groups):
+                for model_param, main in zip(model_group, main_group):
+                    pairs.append((model_param, main, model_param.detach()))
+            for group in opt.fp32_from_fp32_groups:
+                for p in group:
+                    pairs.append((p, p, p.detach()))
+        else:
+            for group in opt.optimizer.param_groups:
+                for p in group["params"]:
+                    pairs.append((p, p, p.detach()))
+    return pairs
+
+
+def grad_shards_for_sync(ddp_module: Any, distributed_optimizer: bool) -> list:
+    """The gradient region each rank owns after DDP's reduction: its reduce-scatter shard of every
+    bucket's ``grad_data`` with the distributed optimizer, the whole ``grad_data`` without it.
+    Uses ``buffers``/``expert_parallel_buffers`` -> ``buckets`` -> ``grad_data`` and
+    ``param_and_grad_buffer.shard_buffer`` (0.16.1)."""
+    from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+    out = []
+    for buffer in list(ddp_module.buffers) + list(ddp_module.expert_parallel_buffers):
+        for bucket in buffer.buckets:
+            if distributed_optimizer:
+                size = buffer.data_parallel_group.size()
+                rank = buffer.data_parallel_group.rank()
+                out.append(shard_buffer(bucket.grad_data, size)[rank])
+            else:
+                out.append(bucket.grad_data)
+    return out

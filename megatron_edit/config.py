@@ -1,0 +1,209 @@
+"""``LocalSGDConfig``: every local-SGD setting, validated once (SPEC sections 2 and 3).
+
+Each field maps one to one onto a ``--flag`` (``FLAG_OF`` names it, so every error names the flag the user
+typed). Fields whose default depends on the method are ``None`` until ``__post_init__`` resolves them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+METHODS = ("diloco", "edit", "a-edit", "streaming")
+PENALTY_METHODS = ("edit", "a-edit")
+OUTER_OPTIMIZERS = ("nesterov", "sgd", "average")
+WEIGHTINGS = ("uniform", "norm")
+STREAMING_PATTERNS = ("strided", "sequential")
+OUTER_GRAD_DTYPES = ("fp32", "bf16", "fp8-e4m3", "fp8-e5m2", "fp4-e3m0", "fp4-e2m1", "int8", "int4")
+
+
+class ConfigError(ValueError):
+    """A bad flag value or combination; the message is one line that names the flag and the rule."""
+
+
+def flag(name: str) -> str:
+    return "--" + FLAG_OF.get(name, name.replace("_", "-"))
+
+
+@dataclass
+class LocalSGDConfig:
+    method: str = "diloco"
+    workers: Optional[int] = None  # None: one worker per data-parallel rank
+    sync_interval: int = 128  # H (tau in EDiT), inner iterations between syncs (per fragment: streaming)
+    sync_time: float = 600.0  # tau_time, a-edit only
+    warmup_iters: int = 0  # K synchronous iterations before local SGD
+    outer_optimizer: str = "nesterov"
+    outer_lr: float = 0.8  # EDiT paper default (DiLoCo used 0.7, Streaming DiLoCo 0.4)
+    outer_momentum: float = 0.85
+    pseudo_grad_clip: Optional[float] = None  # phi; 10 for edit/a-edit
+    anomaly_threshold: Optional[float] = None  # delta (z-score); 3 for edit/a-edit; 0 disables
+    ewma_alpha: float = 0.02
+    ewma_warmup: int = 3
+    weighting: Optional[str] = None  # norm for edit/a-edit, uniform otherwise
+    step_weighted: bool = False  # a-edit: weight pseudo-gradients by inner steps since the last sync
+    layerwise: Optional[bool] = None  # on for edit/a-edit
+    offload_outer_state: bool = False
+    streaming_fragments: Optional[int] = None
+    streaming_pattern: str = "strided"
+    streaming_overlap_steps: int = 1
+    streaming_mix_alpha: float = 0.5
+    outer_grad_dtype: Optional[str] = None  # fp32 (streaming: fp4-e3m0)
+    outer_grad_block_size: int = 128
+    outer_grad_error_feedback: bool = False
+    debug_slow_worker: Optional[tuple[int, float]] = None
+    debug_corrupt_worker: Optional[tuple[int, float, float]] = None
+    explicit: frozenset = field(default_factory=frozenset, repr=False)  # fields the user set on the CLI
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("outer_optimizer", self.outer_optimizer, OUTER_OPTIMIZERS)
+        _check_choice("streaming_pattern", self.streaming_pattern, STREAMING_PATTERNS)
+        has_penalty = self.method in PENALTY_METHODS
+        for name in ("pseudo_grad_clip", "anomaly_threshold", "weighting"):
+            if name in self.explicit and not has_penalty:
+                raise ConfigError(
+                    f"{flag(name)} needs a method with a pseudo-gradient penalty "
+                    f"(--local-sgd edit or a-edit), not --local-sgd {self.method}"
+                )
+        if self.pseudo_grad_clip is None and has_penalty:
+            self.pseudo_grad_clip = 10.0
+        if self.anomaly_threshold is None:
+            self.anomaly_threshold = 3.0 if has_penalty else 0.0
+        if self.weighting is None:
+            self.weighting = "norm" if has_penalty else "uniform"
+        _check_choice("weighting", self.weighting, WEIGHTINGS)
+        if self.layerwise is None:
+            self.layerwise = has_penalty
+        if self.outer_grad_dtype is None:
+            self.outer_grad_dtype = "fp4-e3m0" if self.method == "streaming" else "fp32"
+        _check_choice("outer_grad_dtype", self.outer_grad_dtype, OUTER_GRAD_DTYPES)
+
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"{flag('workers')} {self.workers} must be >= 1")
+        if self.sync_interval < 1:
+            raise ConfigError(f"{flag('sync_interval')} {self.sync_interval} must be >= 1")
+        if not self.sync_time > 0:
+            raise ConfigError(f"{flag('sync_time')} {self.sync_time} must be > 0 seconds")
+        if "sync_time" in self.explicit and self.method != "a-edit":
+            raise ConfigError(f"{flag('sync_time')} applies to --local-sgd a-edit only")
+        if "step_weighted" in self.explicit and self.method != "a-edit":
+            raise ConfigError(f"{flag('step_weighted')} applies to --local-sgd a-edit only")
+        if self.warmup_iters < 0:
+            raise ConfigError(f"{flag('warmup_iters')} {self.warmup_iters} must be >= 0")
+        if not self.outer_lr > 0:
+            raise ConfigError(f"{flag('outer_lr')} {self.outer_lr} must be > 0")
+        if not 0 <= self.outer_momentum < 1:
+            raise ConfigError(f"{flag('outer_momentum')} {self.outer_momentum} must be in [0, 1)")
+        if self.pseudo_grad_clip is not None and not self.pseudo_grad_clip > 0:
+            raise ConfigError(f"{flag('pseudo_grad_clip')} {self.pseudo_grad_clip} must be > 0")
+        if self.anomaly_threshold < 0:
+            raise ConfigError(f"{flag('anomaly_threshold')} {self.anomaly_threshold} must be >= 0 (0 disables)")
+        if not 0 < self.ewma_alpha <= 1:
+            raise ConfigError(f"{flag('ewma_alpha')} {self.ewma_alpha} must be in (0, 1]")
+        if self.ewma_warmup < 0:
+            raise ConfigError(f"{flag('ewma_warmup')} {self.ewma_warmup} must be >= 0")
+        if self.layerwise and self.method in ("diloco", "streaming") and "layerwise" in self.explicit:
+            raise ConfigError(f"--local-sgd-layerwise applies to --local-sgd edit or a-edit, not {self.method}")
+        streaming_only = ("streaming_fragments", "streaming_overlap_steps", "streaming_mix_alpha", "streaming_pattern")
+        for name in streaming_only:
+            if name in self.explicit and self.method != "streaming":
+                raise ConfigError(f"{flag(name)} applies to --local-sgd streaming only")
+        if self.streaming_fragments is not None and self.streaming_fragments < 1:
+            raise ConfigError(f"{flag('streaming_fragments')} {self.streaming_fragments} must be >= 1")
+        if self.streaming_overlap_steps < 0:
+            raise ConfigError(f"{flag('streaming_overlap_steps')} {self.streaming_overlap_steps} must be >= 0")
+        if self.method == "streaming" and self.streaming_overlap_steps >= self.sync_interval:
+            raise ConfigError(
+                f"{flag('streaming_overlap_steps')} {self.streaming_overlap_steps} must be < "
+                f"{flag('sync_interval')} {self.sync_interval}"
+            )
+        if not 0 <= self.streaming_mix_alpha <= 1:
+            raise ConfigError(f"{flag('streaming_mix_alpha')} {self.streaming_mix_alpha} must be in [0, 1]")
+        if self.outer_grad_block_size < 1:
+            raise ConfigError(f"{flag('outer_grad_block_size')} {self.outer_grad_block_size} must be >= 1")
+        if self.debug_slow_worker is not None and not self.debug_slow_worker[1] >= 1:
+            raise ConfigError(f"{flag('debug_slow_worker')} factor {self.debug_slow_worker[1]} must be >= 1")
+        if self.debug_corrupt_worker is not None:
+            _, scale, prob = self.debug_corrupt_worker
+            if not (scale >= 0 and 0 <= prob <= 1):
+                raise ConfigError(f"{flag('debug_corrupt_worker')} needs SCALE >= 0 and 0 <= PROB <= 1")
+
+    @property
+    def has_penalty(self) -> bool:
+        return self.method in PENALTY_METHODS
+
+    def check_topology(self, data_parallel_size: int, num_layers: int) -> None:
+        """Rules that need the launch shape; called before any process group is built."""
+        workers = self.workers if self.workers is not None else data_parallel_size
+        if data_parallel_size % workers != 0:
+            raise ConfigError(
+                f"{flag('workers')} {workers} does not divide the data-parallel size {data_parallel_size}"
+            )
+        for rank_field in ("debug_slow_worker", "debug_corrupt_worker"):
+            value = getattr(self, rank_field)
+            if value is not None and not 0 <= value[0] < workers:
+                raise ConfigError(f"{flag(rank_field)} worker {value[0]} is not in [0, {workers})")
+        if self.method == "streaming" and self.streaming_fragments is not None:
+            if self.streaming_fragments > num_layers:
+                raise ConfigError(
+                    f"{flag('streaming_fragments')} {self.streaming_fragments} exceeds --num-layers {num_layers}"
+                )
+
+    def num_workers(self, data_parallel_size: int) -> int:
+        return self.workers if self.workers is not None else data_parallel_size
+
+    @classmethod
+    def from_args(cls, args, explicit: set[str]) -> Optional["LocalSGDConfig"]:
+        """Build from an argparse namespace (None when --local-sgd is absent); ``explicit`` holds the
+        dests the user typed, so method-dependent defaults and "flag needs method" rules can tell."""
+        if args.local_sgd is None:
+            ours = {dest for dest in explicit if dest in _DEST_TO_FIELD}
+            if ours:
+                dest = sorted(ours)[0]
+                raise ConfigError(f"--{dest.replace('_', '-')} needs --local-sgd {{{','.join(METHODS)}}}")
+            return None
+        values = {}
+        for dest, name in _DEST_TO_FIELD.items():
+            values[name] = getattr(args, dest)
+        values["method"] = args.local_sgd
+        values["explicit"] = frozenset(_DEST_TO_FIELD[d] for d in explicit if d in _DEST_TO_FIELD)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "explicit"}
+
+
+# field name -> flag name (without "--"); argparse dests are the flag names with "_".
+FLAG_OF = {
+    "method": "local-sgd",
+    "workers": "local-sgd-workers",
+    "sync_interval": "local-sgd-sync-interval",
+    "sync_time": "local-sgd-sync-time",
+    "warmup_iters": "local-sgd-warmup-iters",
+    "outer_optimizer": "outer-optimizer",
+    "outer_lr": "outer-lr",
+    "outer_momentum": "outer-momentum",
+    "pseudo_grad_clip": "pseudo-grad-clip",
+    "anomaly_threshold": "pseudo-grad-anomaly-threshold",
+    "ewma_alpha": "pseudo-grad-ewma-alpha",
+    "ewma_warmup": "pseudo-grad-ewma-warmup",
+    "weighting": "pseudo-grad-weighting",
+    "step_weighted": "pseudo-grad-step-weighted",
+    "layerwise": "local-sgd-layerwise",
+    "offload_outer_state": "local-sgd-offload-outer-state",
+    "streaming_fragments": "streaming-fragments",
+    "streaming_pattern": "streaming-pattern",
+    "streaming_overlap_steps": "streaming-overlap-steps",
+    "streaming_mix_alpha": "streaming-mix-alpha",
+    "outer_grad_dtype": "outer-grad-dtype",
+    "outer_grad_block_size": "outer-grad-block-size",
+    "outer_grad_error_feedback": "outer-grad-error-feedback",
+    "debug_slow_worker": "local-sgd-debug-slow-worker",
+    "debug_corrupt_worker": "local-sgd-debug-corrupt-worker",
+}
+_DEST_TO_FIELD = {f.replace("-", "_"): name for name, f in FLAG_OF.items() if name != "method"}
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{flag(name)} {value!r} is not one of {', '.join(choices)}")

@@ -1,0 +1,367 @@
+"""The local-SGD engine: DiLoCo's outer step, EDiT's penalty and layer-wise sync (SPEC 2.1, 2.2).
+
+Readable top to bottom:
+  before_optimizer_step  - synchronous warmup (grads averaged over workers); fault injection
+  after_optimizer_step   - anchor at the end of warmup; every H steps a sync:
+      1. per-layer norms G_w of delta_w = anchor - theta_w (one all-reduce in the worker, one
+         all-gather across workers: every rank gets G [W, L])
+      2. penalty weights (pure function; uniform 1/W without a penalty)
+      3. per unit (all shards at once, or one DDP bucket group in layer-wise mode):
+         cross-worker all-reduce of weight_w * delta_w; clip by the per-layer norm of the result
+         (reduced over the worker's ranks of this pipeline stage); outer Nesterov step on the anchor;
+         theta_w = anchor.
+  Layer-wise (EDiT): step 3 is deferred to the next forward pass. Each DDP bucket group's
+  ``start_param_sync`` (the moment its parameter all-gather is dispatched inside the worker) first applies
+  that bucket's outer update, and launches the next bucket's cross-worker collective (prefetch).
+
+The math lives in outer_optimizer.py and pseudo_grad_penalty.py; this file moves bytes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_edit import mcore_adapter
+from megatron_edit.config import LocalSGDConfig
+from megatron_edit.outer_optimizer import needs_outer_momentum, outer_step
+from megatron_edit.outer_state import OuterShard, collect_outer_shards, init_outer_state, num_layer_keys
+from megatron_edit.pseudo_grad_penalty import (
+    PenaltyConfig,
+    clip_coefficient,
+    init_stats,
+    penalty_weights,
+    weighted_sum_contribution,
+)
+from megatron_edit.sync_schedule import is_anchor_iteration, is_sync_iteration, is_warmup
+from megatron_edit.topology import WorkerTopology, all_reduce_mean_
+
+
+@dataclass
+class SyncReport:
+    iteration: int
+    workers: int
+    pseudo_grad_norm: float
+    anomalous: list[str]
+    bytes_sent: int
+    bytes_sent_total: int
+    wire_format: str
+    sync_ms: float
+    fragment: str = "all"
+
+    def as_log_fields(self) -> dict:
+        return dict(iteration=self.iteration, workers=self.workers, fragment=self.fragment,
+                    pseudo_grad_norm=self.pseudo_grad_norm, anomalous=self.anomalous,
+                    bytes_sent=self.bytes_sent, bytes_sent_total=self.bytes_sent_total,
+                    wire_format=self.wire_format, sync_ms=self.sync_ms)
+
+    def scalars(self) -> dict:
+        return {"local-sgd/pseudo-grad-norm": self.pseudo_grad_norm,
+                "local-sgd/anomalous-workers": float(len(self.anomalous)),
+                f"local-sgd/outer-bytes-sent-{self.wire_format}": float(self.bytes_sent),
+                "local-sgd/outer-bytes-sent-total": float(self.bytes_sent_total),
+                "local-sgd/sync-time-ms": self.sync_ms}
+
+
+@dataclass
+class _Unit:
+    """Shards whose outer update is applied together (one DDP bucket group in layer-wise mode)."""
+
+    shards: list[OuterShard]
+    keys: set[int] = field(default_factory=set)
+    combined: Optional[torch.Tensor] = None  # flat weighted sum of the workers' deltas
+    handle: object = None
+    launched: bool = False
+    pending: bool = False
+
+
+def ring_all_reduce_bytes(numel: int, element_size: int, group_size: int) -> int:
+    """Bytes one rank sends in a ring all-reduce: 2 (n-1)/n of the buffer."""
+    if group_size <= 1:
+        return 0
+    return 2 * (group_size - 1) * numel * element_size // group_size
+
+
+class LocalSGD:
+    def __init__(self, cfg: LocalSGDConfig, topology: WorkerTopology, model_chunks, optimizer, model_config,
+                 seed: int = 1234):
+        from megatron.core import parallel_state as ps
+
+        self.cfg = cfg
+        self.topo = topology
+        self.model = model_chunks
+        self.optimizer = optimizer
+        self.num_layers = model_config.num_layers
+        self.L = num_layer_keys(self.num_layers)
+        self.seed = seed
+        self.distributed_optimizer = model_chunks[0].ddp_config.use_distributed_optimizer
+        self.overlap_param_gather = model_chunks[0].ddp_config.overlap_param_gather
+        self.shards = collect_outer_shards(
+            model_chunks, optimizer, self.num_layers, ps.get_tensor_model_parallel_rank(),
+            topology.intra_dp_group.rank(), self.distributed_optimizer,
+        )
+        self.with_momentum = needs_outer_momentum(cfg.outer_optimizer, cfg.outer_momentum)
+        self.penalty_cfg = None
+        if cfg.has_penalty:
+            self.penalty_cfg = PenaltyConfig(
+                anomaly_threshold=cfg.anomaly_threshold, ewma_alpha=cfg.ewma_alpha,
+                ewma_warmup=max(1, cfg.ewma_warmup), weighting=cfg.weighting, clip=cfg.pseudo_grad_clip,
+            )
+        self.stats = init_stats(self.L)
+        self.bytes_sent_total = 0
+        self._check_inter_group_order()
+        self.units = self._build_units()
+        self._key_norm_cache: dict[int, torch.Tensor] = {}
+        self._weights: Optional[torch.Tensor] = None  # [L] this worker's weight per layer
+        self._skip: Optional[torch.Tensor] = None
+        self._clip_enabled = self.penalty_cfg is not None and self.penalty_cfg.clip is not None
+        self._corrupt_gen = torch.Generator().manual_seed(seed + 7919)
+        if cfg.layerwise:
+            self._install_layerwise_hooks()
+        if is_anchor_iteration(0, cfg.warmup_iters):
+            init_outer_state(self.shards, self.with_momentum, cfg.offload_outer_state)
+
+    # ------------------------------------------------------------------ set-up
+    def _check_inter_group_order(self) -> None:
+        """Penalty weights are indexed by worker; the inter group must list workers in order."""
+        group = self.topo.inter_worker_group
+        if group is None:
+            return
+        mine = torch.tensor([float(self.topo.worker_index)])
+        out = torch.zeros(group.size())
+        dist.all_gather_into_tensor(out, mine, group=group)
+        if not torch.equal(out, torch.arange(group.size(), dtype=out.dtype)):
+            raise RuntimeError(f"inter-worker group lists workers as {out.tolist()}, expected 0..W-1")
+
+    def _build_units(self) -> list[_Unit]:
+        if not self.cfg.layerwise:
+            unit = _Unit(list(self.shards))
+            unit.keys = {s.key for s in self.shards}
+            return [unit]
+        # Forward order: chunks in order; inside a chunk DDP lists bucket groups in backward order.
+        units = []
+        by_group = {}
+        for s in self.shards:
+            by_group.setdefault(id(s.bucket_group), []).append(s)
+        for chunk in self.model:
+            for bg in reversed(mcore_adapter.ddp_bucket_groups(chunk)):
+                shards = by_group.get(id(bg), [])
+                unit = _Unit(shards)
+                unit.keys = {s.key for s in shards}
+                unit.bucket_group = bg
+                units.append(unit)
+        return units
+
+    def _install_layerwise_hooks(self) -> None:
+        """Wrap each bucket group's start_param_sync (megatron-core 0.16.1 seam, SPEC section 5)."""
+        for index, unit in enumerate(self.units):
+            bg = unit.bucket_group
+            original = bg.start_param_sync
+
+            def start_param_sync(force_sync: bool = False, _original=original, _index=index):
+                if self.units[_index].pending:
+                    self._finish_unit(_index)
+                return _original(force_sync=force_sync)
+
+            bg.start_param_sync = start_param_sync
+
+    # ------------------------------------------------------------------ hooks around the optimizer step
+    def before_optimizer_step(self, iteration: int) -> None:
+        """iteration = the number this step will complete as."""
+        cfg = self.cfg
+        if cfg.debug_corrupt_worker is not None:
+            self._maybe_corrupt(iteration)
+        if is_warmup(iteration, cfg.warmup_iters):
+            for chunk in self.model:
+                for grad in mcore_adapter.grad_shards_for_sync(chunk, self.distributed_optimizer):
+                    all_reduce_mean_(grad, self.topo.inter_worker_group)
+
+    def after_optimizer_step(self, iteration: int) -> Optional[SyncReport]:
+        cfg = self.cfg
+        if is_anchor_iteration(iteration, cfg.warmup_iters):
+            init_outer_state(self.shards, self.with_momentum, cfg.offload_outer_state)
+            return None
+        if iteration <= cfg.warmup_iters or not is_sync_iteration(iteration, cfg.warmup_iters, cfg.sync_interval):
+            return None
+        return self.sync(iteration)
+
+    def _maybe_corrupt(self, iteration: int) -> None:
+        """Fault injection: with probability PROB, worker W's gradients get N(0, SCALE^2) noise. The
+        decision is the same on every rank; the noise is the same on the ranks of one TP/PP slice."""
+        from megatron.core import parallel_state as ps
+
+        worker, scale, prob = self.cfg.debug_corrupt_worker
+        hit = torch.rand(1, generator=self._corrupt_gen).item() < prob
+        if not hit or self.topo.worker_index != worker:
+            return
+        gen = torch.Generator().manual_seed(
+            self.seed * 131 + iteration * 17 + ps.get_tensor_model_parallel_rank() * 7
+            + ps.get_pipeline_model_parallel_rank()
+        )
+        for chunk in self.model:
+            for buffer in list(chunk.buffers) + list(chunk.expert_parallel_buffers):
+                for bucket in buffer.buckets:
+                    noise = torch.randn(bucket.grad_data.shape, generator=gen) * scale
+                    bucket.grad_data.add_(noise.to(bucket.grad_data.device, bucket.grad_data.dtype))
+
+    # ------------------------------------------------------------------ the sync
+    def sync(self, iteration: int) -> SyncReport:
+        start = time.perf_counter()
+        self.flush_pending()
+        norms, anomalous = self._compute_weights()
+        self._key_norm_cache = {}
+        sent = self._bytes_for_sync()
+        self.bytes_sent_total += sent
+        for unit in self.units:
+            unit.pending = True
+        if self.cfg.layerwise:
+            if self.units:
+                self._launch_unit(0)  # the rest is launched one ahead, inside the next forward
+        else:
+            for index in range(len(self.units)):
+                self._finish_unit(index)
+            self._regather_params()
+        total_norm = float(norms.pow(2).sum(dim=1).sqrt().mean()) if norms is not None else 0.0
+        return SyncReport(
+            iteration=iteration, workers=self.topo.num_workers, pseudo_grad_norm=total_norm,
+            anomalous=anomalous, bytes_sent=sent, bytes_sent_total=self.bytes_sent_total,
+            wire_format=self.cfg.outer_grad_dtype,
+            sync_ms=(time.perf_counter() - start) * 1000.0,
+        )
+
+    def _bytes_for_sync(self) -> int:
+        """What this rank sends to other workers in one sync: the G all-gather and the fp32 ring
+        all-reduce of its shards."""
+        group = self.topo.inter_worker_group
+        if group is None:
+            return 0
+        numel = sum(s.main.numel() for s in self.shards)
+        return ring_all_reduce_bytes(numel, 4, group.size()) + (group.size() - 1) * self.L * 4
+
+    def _compute_weights(self):
+        """G [W, L] on every rank, then this worker's weight per layer (and the skip mask)."""
+        W = self.topo.num_workers
+        local = torch.zeros(self.L, dtype=torch.float32)
+        for s in self.shards:
+            if s.count_in_worker_norm:
+                delta = s.anchor.to(s.main.device) - s.main.detach().float()
+                local[s.key] += delta.pow(2).sum().cpu()
+        dist.all_reduce(local, group=self.topo.worker_group)
+        gathered = torch.zeros(W * self.L, dtype=torch.float32)
+        if self.topo.inter_worker_group is not None:
+            dist.all_gather_into_tensor(gathered, local, group=self.topo.inter_worker_group)
+        else:
+            gathered.copy_(local)
+        norms = gathered.view(W, self.L).sqrt()
+        anomalous_names: list[str] = []
+        if self.penalty_cfg is not None:
+            weights, skip, anomalous, self.stats = penalty_weights(norms, self.stats, self.penalty_cfg)
+            for w in range(W):
+                bad = int(anomalous[w].sum())
+                if bad:
+                    anomalous_names.append(f"w{w}({bad} layers)")
+        else:
+            weights = torch.full((W, self.L), 1.0 / W)
+            skip = torch.zeros(self.L, dtype=torch.bool)
+        self._weights = weights[self.topo.worker_index]
+        self._skip = skip
+        self._last_norms = norms
+        return norms, anomalous_names
+
+    def _launch_unit(self, index: int) -> None:
+        unit = self.units[index]
+        if unit.launched:
+            return
+        unit.launched = True
+        parts = []
+        for s in unit.shards:
+            delta = s.anchor.to(s.main.device, non_blocking=True) - s.main.detach().float()
+            parts.append(weighted_sum_contribution(delta.view(-1), self._weights[s.key]))
+        unit.combined = torch.cat(parts) if parts else torch.zeros(0)
+        group = self.topo.inter_worker_group
+        if group is not None and unit.combined.numel() > 0:
+            unit.handle = dist.all_reduce(unit.combined, group=group, async_op=True)
+
+    def _wait_unit(self, index: int) -> None:
+        self._launch_unit(index)
+        unit = self.units[index]
+        if unit.handle is not None:
+            unit.handle.wait()
+            unit.handle = None
+
+    def _units_with_key(self, key: int) -> list[int]:
+        return [i for i, u in enumerate(self.units) if key in u.keys]
+
+    def _clip_scales(self, index: int) -> dict[int, torch.Tensor]:
+        """Per-layer clip coefficient from the norm of the combined delta, reduced over the worker's ranks
+        of this stage. A layer split over several bucket groups waits for all of them."""
+        if not self._clip_enabled:
+            return {}
+        unit = self.units[index]
+        missing = sorted(k for k in unit.keys if k not in self._key_norm_cache)
+        if missing:
+            sumsq = torch.zeros(self.L, dtype=torch.float32)
+            for key in missing:
+                for j in self._units_with_key(key):
+                    self._wait_unit(j)
+                    offset = 0
+                    for s in self.units[j].shards:
+                        n = s.main.numel()
+                        if s.key == key and s.count_in_stage_norm:
+                            sumsq[key] += self.units[j].combined[offset:offset + n].pow(2).sum().cpu()
+                        offset += n
+            dist.all_reduce(sumsq, group=self.topo.worker_stage_group)
+            coefficient = clip_coefficient(sumsq.sqrt(), self.penalty_cfg.clip)
+            for key in missing:
+                self._key_norm_cache[key] = coefficient[key]
+        return {k: self._key_norm_cache[k] for k in unit.keys}
+
+    def _finish_unit(self, index: int) -> None:
+        """Outer step for one unit's shards; then theta_w = anchor for them."""
+        unit = self.units[index]
+        self._wait_unit(index)
+        if self.cfg.layerwise and index + 1 < len(self.units):
+            self._launch_unit(index + 1)  # prefetch the next bucket's collective
+        scales = self._clip_scales(index)
+        cfg = self.cfg
+        offset = 0
+        for s in unit.shards:
+            n = s.main.numel()
+            pseudo_grad = unit.combined[offset:offset + n].view_as(s.main)
+            offset += n
+            if s.key in scales:
+                pseudo_grad = pseudo_grad * scales[s.key]
+            anchor = s.anchor.to(s.main.device, non_blocking=True)
+            momentum = s.momentum.to(s.main.device, non_blocking=True) if s.momentum is not None else None
+            outer_step(anchor, momentum, pseudo_grad, cfg.outer_optimizer, cfg.outer_lr, cfg.outer_momentum,
+                       skip=self._skip[s.key].expand(anchor.shape))
+            if anchor is not s.anchor:
+                s.anchor.copy_(anchor)
+                if momentum is not None:
+                    s.momentum.copy_(momentum)
+            with torch.no_grad():
+                s.main.copy_(anchor)
+                if s.model_view.data_ptr() != s.main.data_ptr():
+                    s.model_view.copy_(anchor)
+        unit.combined = None
+        unit.launched = False
+        unit.pending = False
+
+    def _regather_params(self) -> None:
+        """All-at-once with the distributed optimizer: each rank updated its shard, so the worker's
+        params must be all-gathered again. With overlap_param_gather the next forward does it."""
+        if self.distributed_optimizer and not self.overlap_param_gather:
+            for chunk in self.model:
+                chunk.start_param_sync()
+
+    def flush_pending(self) -> None:
+        """Apply every deferred layer-wise update now (before eval, checkpoint, or the next sync)."""
+        for index, unit in enumerate(self.units):
+            if unit.pending:
+                self._finish_unit(index)
+
+    def state_dict(self) -> dict:
+        return {"stats": self.stats.state_dict(), "bytes_sent_total": self.bytes_sent_total}

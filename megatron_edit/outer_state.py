@@ -1,0 +1,96 @@
+"""The outer state (anchor, outer momentum) of every fp32 main-param shard this rank owns.
+
+Shards are taken from the inner optimizer itself, so they are exactly the distributed optimizer's
+sharding (per rank: 2 x its own shard, fp32, nothing replicated). Each ``OuterShard`` also records which
+"layer" the parameter belongs to (the penalty is per layer), which DDP bucket group it is gathered with
+(the layer-wise sync works per bucket group) and whether it counts towards norms (TP duplicates and the
+tied output-embedding copy must not be counted twice).
+
+Layer keys: 0 word embeddings (and the tied output weight), 1 position embeddings, 2 + l transformer
+layer l (global numbering), num_layers + 2 final norm and untied output layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from megatron_edit import mcore_adapter
+
+
+def num_layer_keys(num_layers: int) -> int:
+    return num_layers + 3
+
+
+def layer_key(global_name: str, num_layers: int) -> int:
+    if global_name.startswith("embedding.word_embeddings"):
+        return 0
+    if global_name.startswith("embedding.position_embeddings"):
+        return 1
+    if global_name.startswith("decoder.layers."):
+        return 2 + int(global_name.split(".")[2])
+    return num_layers + 2
+
+
+@dataclass
+class OuterShard:
+    model_param: torch.nn.Parameter
+    main: torch.Tensor  # fp32 main shard the inner optimizer updates
+    model_view: torch.Tensor  # the region of the model param that `main` mirrors (bf16 or fp32)
+    key: int
+    chunk: int
+    bucket_group: Any
+    count_in_worker_norm: bool
+    count_in_stage_norm: bool
+    anchor: Optional[torch.Tensor] = None
+    momentum: Optional[torch.Tensor] = None
+
+
+def collect_outer_shards(model_chunks, optimizer, num_layers: int, tp_rank: int, intra_dp_rank: int,
+                         distributed_optimizer: bool) -> list[OuterShard]:
+    """One record per (model param, main shard) pair of this rank, in a fixed order on every rank."""
+    from megatron_edit.training.model import global_param_name, unwrap
+
+    info = {}
+    for c, chunk in enumerate(model_chunks):
+        inner = unwrap(chunk)
+        bucket_groups = mcore_adapter.param_to_bucket_group(chunk)
+        for local_name, p in inner.named_parameters():
+            name = global_param_name(inner, local_name)
+            tied_copy = getattr(p, "shared", False) and getattr(p, "shared_embedding", False)
+            if tied_copy or (local_name == "output_layer.weight" and inner.share_embeddings_and_output_weights):
+                name = "embedding.word_embeddings.weight"
+            info[p] = (c, name, bucket_groups.get(p), tied_copy)
+    shards = []
+    for model_param, main, view in mcore_adapter.main_param_pairs(optimizer):
+        c, name, bucket_group, tied_copy = info[model_param]
+        tp_duplicate = not getattr(model_param, "tensor_model_parallel", False) and tp_rank != 0
+        replicated = not distributed_optimizer and intra_dp_rank != 0
+        counted = not tp_duplicate and not replicated
+        shards.append(OuterShard(
+            model_param=model_param, main=main, model_view=view, key=layer_key(name, num_layers), chunk=c,
+            bucket_group=bucket_group, count_in_worker_norm=counted and not tied_copy,
+            count_in_stage_norm=counted,
+        ))
+    return shards
+
+
+def init_outer_state(shards: list[OuterShard], with_momentum: bool, offload: bool) -> None:
+    """anchor = current main params (fp32 copy), momentum = 0; in pinned CPU memory when offloaded."""
+    for s in shards:
+        device = torch.device("cpu") if offload else s.main.device
+        pin = offload and torch.cuda.is_available()
+        s.anchor = torch.empty(s.main.shape, dtype=torch.float32, device=device, pin_memory=pin)
+        s.anchor.copy_(s.main.detach())
+        if with_momentum:
+            s.momentum = torch.zeros(s.main.shape, dtype=torch.float32, device=device, pin_memory=pin)
+
+
+def outer_state_bytes(shards: list[OuterShard]) -> int:
+    total = 0
+    for s in shards:
+        for t in (s.anchor, s.momentum):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total

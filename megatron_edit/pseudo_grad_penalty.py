@@ -1,0 +1,270 @@
+"""EDiT's pseudo-gradient penalty (arXiv 2412.07210, Section 3.2 and Algorithm 2), as pure tensor math.
+
+Per sync and per layer (a transformer layer, the embedding, or the output layer / final norm), with
+``G_w = ||delta_w||`` the norm of worker w's pseudo-gradient for that layer (SPEC 2.2):
+
+1. Anomaly elimination: per layer, an exponentially weighted mean and variance of G over past syncs.
+   After ``ewma_warmup`` syncs, worker w is anomalous if ``(G_w - mean) / std > anomaly_threshold``.
+   A NaN or Inf norm is anomalous always, warmup or not. Anomalous workers get weight exactly 0, are not
+   counted in the denominator, and their G never enters the statistics (the original EDiT code fed a
+   +1e6 sentinel into its statistics; SPEC 8). If every worker is anomalous the layer skips its outer
+   step (``skip``).
+2. Weighted averaging: ``softmax(-G_w / T)`` over the non-anomalous workers (smaller norm, larger
+   weight), or uniform weights. Optionally (A-EDiT, SPEC 2.3) multiplied by the number of inner steps
+   each worker took since the last sync, then renormalised.
+3. Clip: the combined ``delta = sum_w weight_w * delta_w`` is scaled by ``min(1, clip / ||delta||)``.
+
+How a caller combines deltas (the distributed ``combine`` is written elsewhere): every rank computes the
+same ``norms [W, L]`` (reduced over all TP/PP/shard ranks of each layer), calls :func:`penalty_weights`,
+and sums ``weighted_sum_contribution(delta_w, weights[w, l])`` over workers. It must NOT compute
+``weights[w, l] * delta_w`` directly: an anomalous worker's delta may hold NaN or Inf, and
+``0 * NaN = NaN``, ``0 * Inf = NaN`` would poison the sum. :func:`weighted_sum_contribution` masks with
+``torch.where`` instead. Then it scales by :func:`clip_coefficient` of the combined norm and passes
+``skip`` (expanded to the shard's elements) to ``outer_optimizer.outer_step``.
+
+Everything here is fp32 tensor math without ``.item()`` or Python conditions on tensor values: it runs
+per layer inside the forward pass (EDiT's layer-wise sync), where a host sync would break the overlap.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+WEIGHTINGS: tuple[str, ...] = ("uniform", "norm")
+"""Values of ``--pseudo-grad-weighting``."""
+
+STD_RELATIVE_FLOOR = 1e-6
+"""The z-score uses ``max(std, STD_RELATIVE_FLOOR * |mean|, tiny)`` as its denominator, so a layer whose
+statistics have zero variance (one observation so far, or identical norms) flags only norms that exceed
+the mean by more than ``threshold * 1e-6`` relative, and a norm equal to the mean is never anomalous."""
+
+
+@dataclass
+class PenaltyConfig:
+    """Options of the pseudo-gradient penalty. Defaults are EDiT's (paper Section 4.1 / SPEC 2.1-2.2).
+
+    Attributes:
+        anomaly_threshold: z-score threshold ``delta`` (``--pseudo-grad-anomaly-threshold``); 0 disables
+            the z-test (non-finite norms are still anomalous).
+        ewma_alpha: weight of a new observation in the EWMA mean/variance (``--pseudo-grad-ewma-alpha``).
+        ewma_warmup: number of syncs that must have fed a layer's statistics before its z-test is active
+            (``--pseudo-grad-ewma-warmup``); at least 1, since the statistics need an observation.
+        weighting: ``"norm"`` = ``softmax(-G / T)``, ``"uniform"`` = plain mean (``--pseudo-grad-weighting``).
+        temperature: relative temperature; the absolute one is ``T = temperature * mean(G)`` over the
+            non-anomalous workers of the layer (see :func:`penalty_weights`).
+        clip: ``phi``, bound on the norm of the combined pseudo-gradient (``--pseudo-grad-clip``); None
+            disables.
+    """
+
+    anomaly_threshold: float = 3.0
+    ewma_alpha: float = 0.02
+    ewma_warmup: int = 3
+    weighting: str = "norm"
+    temperature: float = 1.0
+    clip: float | None = 10.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.anomaly_threshold) and self.anomaly_threshold >= 0.0):
+            raise ValueError(
+                f"PenaltyConfig.anomaly_threshold (--pseudo-grad-anomaly-threshold) {self.anomaly_threshold} must be >= 0"
+            )
+        if not 0.0 < self.ewma_alpha <= 1.0:
+            raise ValueError(f"PenaltyConfig.ewma_alpha (--pseudo-grad-ewma-alpha) {self.ewma_alpha} must be in (0, 1]")
+        if isinstance(self.ewma_warmup, bool) or not isinstance(self.ewma_warmup, int) or self.ewma_warmup < 1:
+            raise ValueError(
+                f"PenaltyConfig.ewma_warmup (--pseudo-grad-ewma-warmup) {self.ewma_warmup} must be an integer >= 1"
+            )
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"PenaltyConfig.weighting (--pseudo-grad-weighting) {self.weighting} is not one of {', '.join(WEIGHTINGS)}"
+            )
+        if not (math.isfinite(self.temperature) and self.temperature > 0.0):
+            raise ValueError(f"PenaltyConfig.temperature {self.temperature} must be > 0")
+        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0.0):
+            raise ValueError(f"PenaltyConfig.clip (--pseudo-grad-clip) {self.clip} must be > 0 (None disables)")
+
+
+@dataclass
+class PenaltyStats:
+    """Per-layer EWMA statistics of the pseudo-gradient norm, as tensors on the training device.
+
+    Attributes:
+        mean: fp32 [L], EWMA mean of G.
+        var: fp32 [L], EWMA variance of G.
+        count: int64 [L], number of syncs whose norms entered this layer's statistics (syncs where every
+            worker was anomalous do not count). The warmup compares this with ``ewma_warmup``. It counts
+            syncs, not worker observations: with W workers one sync adds W observations but 1 to count.
+
+    All ranks hold identical copies (they see identical norms), so a checkpoint saves one replica.
+    """
+
+    mean: Tensor
+    var: Tensor
+    count: Tensor
+
+    @property
+    def num_layers(self) -> int:
+        return self.mean.shape[0]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Copy a :meth:`state_dict` into these tensors (keeps device and dtype)."""
+        for name in ("mean", "var", "count"):
+            target = getattr(self, name)
+            source = state[name]
+            if tuple(source.shape) != tuple(target.shape):
+                raise ValueError(f"PenaltyStats.{name}: checkpoint has shape {tuple(source.shape)}, expected {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(source)
+
+
+def init_stats(num_layers: int, device: torch.device | str | None = None) -> PenaltyStats:
+    """Empty statistics (count 0) for ``num_layers`` layers."""
+    if num_layers < 1:
+        raise ValueError(f"init_stats: num_layers {num_layers} must be >= 1")
+    return PenaltyStats(
+        mean=torch.zeros(num_layers, dtype=torch.float32, device=device),
+        var=torch.zeros(num_layers, dtype=torch.float32, device=device),
+        count=torch.zeros(num_layers, dtype=torch.int64, device=device),
+    )
+
+
+def penalty_weights(
+    norms: Tensor,
+    stats: PenaltyStats,
+    cfg: PenaltyConfig,
+    step_weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, PenaltyStats]:
+    """Per-worker, per-layer averaging weights of EDiT's pseudo-gradient penalty (Algorithm 2).
+
+    Args:
+        norms: [W, L], ``G[w, l] = ||delta_w||`` of layer l (fp32; other float dtypes are cast). Every
+            rank must pass identical values (reduce the squared norms over all ranks holding the layer).
+        stats: the statistics before this sync (not modified).
+        cfg: the penalty options.
+        step_weights: optional [W], A-EDiT step-aware averaging (SPEC 2.3): the number of inner steps each
+            worker took since the last sync, non-negative and finite. The weights are multiplied by it and
+            renormalised over the non-anomalous workers; if that sum is 0 the unmultiplied weights are kept.
+
+    Returns:
+        weights: fp32 [W, L]; each non-skipped column sums to 1 over the non-anomalous workers, anomalous
+            workers have exactly 0, skipped columns are all 0.
+        skip: bool [L], True where every worker is anomalous: the layer must skip its outer step.
+        anomalous: bool [W, L].
+        new_stats: the statistics after this sync.
+
+    Anomaly rule: ``G`` NaN/Inf is anomalous always. Once ``stats.count[l] >= cfg.ewma_warmup`` and
+    ``cfg.anomaly_threshold > 0``, worker w is anomalous if ``G - mean > threshold * std`` with
+    ``std = max(sqrt(var), STD_RELATIVE_FLOOR * |mean|, tiny)``: a one-sided z-test against the
+    statistics of past syncs (this sync's norms do not affect its own test).
+
+    Temperature (scale-aware): ``weights = softmax(-G / T)`` with ``T = cfg.temperature * mean(G)``, the
+    mean over the layer's non-anomalous workers, i.e. ``softmax(-(G / mean(G)) / temperature)``.
+    Multiplying every norm of a layer by a constant leaves its weights unchanged, so one temperature
+    suits layers of very different sizes and every phase of training. ``temperature = 1``: a worker whose
+    norm is one mean above another's gets ``1/e`` of its weight. If every non-anomalous norm is 0 the
+    weights are uniform.
+
+    Statistics update: each non-anomalous worker's G is one observation, applied in worker order
+    0..W-1. The first observation ever of a layer sets ``mean = G, var = 0``; each later one does
+    ``diff = G - mean; incr = alpha * diff; mean += incr; var = (1 - alpha) * (var + diff * incr)``.
+    ``count`` grows by 1 for each layer that received at least one observation.
+
+    No host synchronisation: the loop over W is over a Python int; all tensor decisions use
+    ``torch.where``.
+    """
+    if norms.dim() != 2:
+        raise ValueError(f"penalty_weights: norms must be [W, L], got shape {tuple(norms.shape)}")
+    num_workers, num_layers = norms.shape
+    if num_layers != stats.num_layers:
+        raise ValueError(f"penalty_weights: norms have {num_layers} layers, stats have {stats.num_layers}")
+    norms = norms.to(torch.float32)
+
+    anomalous = ~torch.isfinite(norms)
+    if cfg.anomaly_threshold > 0.0:
+        tiny = torch.finfo(torch.float32).tiny
+        std = torch.maximum(stats.var.clamp_min(0.0).sqrt(), STD_RELATIVE_FLOOR * stats.mean.abs()).clamp_min(tiny)
+        past_warmup = stats.count >= cfg.ewma_warmup  # [L]
+        # NaN compares False, Inf is already anomalous; the comparison avoids dividing by std.
+        outlier = (norms - stats.mean) > cfg.anomaly_threshold * std  # [W, L]
+        anomalous = anomalous | (outlier & past_warmup)
+    ok = ~anomalous
+    num_ok = ok.sum(dim=0)  # [L], int64
+    skip = num_ok == 0
+
+    safe_norms = torch.where(ok, norms, torch.zeros_like(norms))  # anomalous entries may be NaN/Inf
+    if cfg.weighting == "uniform":
+        weights = ok.to(torch.float32) / num_ok.clamp_min(1).to(torch.float32)
+    else:
+        mean_ok = safe_norms.sum(dim=0) / num_ok.clamp_min(1).to(torch.float32)
+        temperature = cfg.temperature * mean_ok
+        temperature = torch.where(temperature > 0.0, temperature, torch.ones_like(temperature))
+        logits = torch.where(ok, -safe_norms / temperature, torch.full_like(norms, -math.inf))
+        # A column with no valid worker would be softmax of all -inf = NaN: give it zeros and mask below.
+        logits = torch.where(skip, torch.zeros_like(logits), logits)
+        weights = torch.softmax(logits, dim=0)
+        weights = torch.where(ok, weights, torch.zeros_like(weights))
+
+    if step_weights is not None:
+        if step_weights.shape != (num_workers,):
+            raise ValueError(f"penalty_weights: step_weights must be [{num_workers}], got {tuple(step_weights.shape)}")
+        scaled = weights * step_weights.to(device=weights.device, dtype=torch.float32).unsqueeze(1)
+        total = scaled.sum(dim=0)
+        renormalised = scaled / torch.where(total > 0.0, total, torch.ones_like(total))
+        weights = torch.where(total > 0.0, renormalised, weights)
+
+    new_stats = _update_stats(safe_norms, ok, stats, cfg.ewma_alpha)
+    return weights, skip, anomalous, new_stats
+
+
+def _update_stats(norms: Tensor, ok: Tensor, stats: PenaltyStats, alpha: float) -> PenaltyStats:
+    """EWMA update with the non-anomalous norms, in worker order (see :func:`penalty_weights`)."""
+    mean = stats.mean.clone()
+    var = stats.var.clone()
+    seen = stats.count > 0
+    for w in range(norms.shape[0]):
+        observed = ok[w]
+        first = observed & ~seen
+        later = observed & seen
+        diff = norms[w] - mean
+        incr = alpha * diff
+        mean = torch.where(first, norms[w], torch.where(later, mean + incr, mean))
+        var = torch.where(first, torch.zeros_like(var), torch.where(later, (1.0 - alpha) * (var + diff * incr), var))
+        seen = seen | observed
+    count = stats.count + ok.any(dim=0).to(stats.count.dtype)
+    return PenaltyStats(mean=mean, var=var, count=count)
+
+
+def clip_coefficient(norm: Tensor, clip: float | None) -> Tensor:
+    """Scale ``min(1, clip / norm)`` for the combined pseudo-gradient of each layer (EDiT Algorithm 2).
+
+    ``norm`` is the [L] (or any shape) norm of the combined delta, identical on every rank. Defined for
+    every input so no host check is needed:
+    - ``clip is None``: 1.
+    - ``norm == 0``: 1 (nothing to clip).
+    - ``norm == +Inf``: 0, the limit of ``clip / norm`` (a finite delta whose squared norm overflowed).
+    - ``norm`` NaN: 1. A NaN norm means a NaN in the delta, which no scale repairs; the coefficient does
+      not hide it. Anomalous workers are masked before combining, so this should not happen.
+    """
+    norm = norm.to(torch.float32)
+    if clip is None:
+        return torch.ones_like(norm)
+    coefficient = (clip / norm).clamp(max=1.0)  # 0 -> inf -> 1, inf -> 0
+    return torch.where(torch.isnan(coefficient), torch.ones_like(coefficient), coefficient)
+
+
+def weighted_sum_contribution(delta: Tensor, weight: Tensor) -> Tensor:
+    """``weight * delta``, but exactly 0 where ``weight == 0`` even if ``delta`` holds NaN or Inf.
+
+    A worker's delta is multiplied by its penalty weight before the cross-worker sum; an anomalous
+    worker has weight 0 and possibly NaN/Inf in its delta, and ``0 * NaN`` is NaN. ``weight`` is a
+    0-dim tensor (or broadcastable to ``delta``); the result is fp32.
+    """
+    weight = weight.to(torch.float32)
+    product = delta.to(torch.float32) * weight
+    return torch.where(weight == 0.0, torch.zeros_like(product), product)

@@ -1,0 +1,385 @@
+"""Cross-worker mean of pseudo-gradients over a quantized wire, accumulated in fp32.
+
+Streaming DiLoCo (Douillard et al., arXiv 2501.18512, "quantized outer gradients") quantizes what each worker
+sends but never adds in low precision: every partial sum is formed in fp32 from dequantized contributions
+(SPEC 2.5). A plain ``all_reduce`` on a low-precision tensor would add in that precision at every ring hop,
+so the reduction is built from data movement only:
+
+``reduce-scatter`` (default, :data:`REDUCE_SCATTER`)
+    Phase 1: each rank encodes its whole contribution once and sends chunk p (its blocks and their scales)
+    to rank p with one ``all_to_all_single``; rank p decodes the W pieces of its chunk and sums them in fp32
+    in rank order, then divides by ``divisor``. Phase 2: rank p re-encodes its reduced chunk and sends it to
+    every peer (an all-gather done as ``all_to_all_single`` because chunk sizes may differ by one block).
+    Result chunk p = decode(encode(sum_w decode(encode(c_w))[chunk p] / divisor)): the sum itself is
+    exact fp32, the second quantization is the price of sending each reduced chunk once. Traffic per rank:
+    ~2 (W-1)/W of one encoded vector, like a ring all-reduce.
+``all-gather`` (:data:`ALL_GATHER`)
+    Every rank all-gathers every rank's encoded vector and sums the W decoded vectors in fp32 in rank
+    order: result = sum_w decode(encode(c_w)) / divisor, with a single quantization. Traffic per rank:
+    (W-1) encoded vectors, so worth it only for small W (or when one quantization matters more than bytes).
+
+``fp32`` is always a plain ``all_reduce`` (SUM in fp32 is already exact accumulation), whatever the algorithm.
+With a single rank nothing crosses a wire, so nothing is quantized: the result is ``c / divisor``.
+
+Here ``c_w = weight_w * x_w`` (+ the error-feedback residual when one is given), with NaN/Inf entries replaced
+by 0 so one bad worker cannot poison every worker's sum; the penalty of SPEC 2.2 is where a non-finite
+delta makes a worker anomalous (weight 0). The local flag is kept on the handle (``nonfinite``).
+
+Why ``all_to_all_single``: megatron-core's template
+(``megatron/core/distributed/reduce_scatter_with_fp32_accumulation.py``) does its fp32-accumulating
+reduce-scatter the same way. gloo implements ``all_to_all_single`` (checked on torch 2.13 CPU, uint8, uneven
+and empty splits, ``async_op=True``), and so does NCCL, so one code path serves both; the all-gather variant
+uses ``all_gather_single`` (``all_gather_into_tensor`` on older torch), also on both backends.
+
+Bytes: ``bytes_sent`` counts exactly the payload and scale bytes this rank hands to other ranks (its own chunk
+excluded), computed from sizes on the host (no sync). It is the traffic of a bandwidth-optimal (direct or
+ring) implementation; for the fp32 ``all_reduce`` it is the same reduce-scatter + all-gather count, since the
+backend's own all-reduce algorithm is not observable.
+
+Async: :func:`launch_quantized_all_reduce_mean` starts the first collective and returns a handle; training can
+go on while it is in flight (Streaming DiLoCo's overlap of tau inner steps). ``handle.advance()`` finishes
+phase 1 and launches phase 2 without waiting for it; ``handle.wait()`` completes everything and returns the
+fp32 result. Collectives on one group must be issued in the same order on every rank, so call ``advance``
+and ``launch`` at the same (deterministic) point on all ranks, never based on polling.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from megatron_edit.wire_codecs import (
+    Encoded,
+    ErrorFeedback,
+    WireFormat,
+    decode,
+    encode,
+    get_format,
+    num_blocks,
+    payload_bytes,
+    wire_bytes,
+)
+
+__all__ = [
+    "REDUCE_SCATTER",
+    "ALL_GATHER",
+    "ALGORITHMS",
+    "QuantizedAllReduceHandle",
+    "chunk_bounds",
+    "launch_quantized_all_reduce_mean",
+    "quantized_all_reduce_mean",
+]
+
+REDUCE_SCATTER = "reduce-scatter"
+ALL_GATHER = "all-gather"
+ALGORITHMS: tuple[str, ...] = (REDUCE_SCATTER, ALL_GATHER)
+
+Weight = float | torch.Tensor
+
+
+class QuantizedAllReduceHandle(Protocol):
+    """An in-flight quantized all-reduce.
+
+    ``bytes_sent``: bytes this rank sends to other ranks in total (known at launch).
+    ``nonfinite``: 0-dim bool tensor, True if this rank's contribution had NaN/Inf entries (sent as 0).
+    """
+
+    bytes_sent: int
+    nonfinite: torch.Tensor
+
+    def advance(self) -> None:
+        """Finish the current phase and launch the next collective (no-op if there is none)."""
+
+    def wait(self) -> torch.Tensor:
+        """Complete the reduction and return the fp32 result (same values on every rank)."""
+
+
+def chunk_bounds(
+    numel: int, world_size: int, fmt: str | WireFormat, block_size: int = 128
+) -> list[tuple[int, int]]:
+    """Element range [start, end) of each rank's reduce-scatter chunk.
+
+    Boundaries fall on block boundaries (so a chunk's blocks are the whole vector's blocks, and one encode
+    of the whole vector serves every peer) and, for 4-bit formats, on byte boundaries. Whole units are dealt
+    out as evenly as possible, the first ranks getting one more; the last non-empty chunk ends at ``numel``
+    (a partial block). Ranks may get empty chunks when the vector is small.
+    """
+    fmt = get_format(fmt)
+    unit = block_size if fmt.has_scales else 1
+    if fmt.bits < 8 and unit % 2:
+        unit *= 2
+    units = math.ceil(numel / unit)
+    base, extra = divmod(units, world_size)
+    bounds = []
+    start = 0
+    for rank in range(world_size):
+        end = min(numel, start + (base + (rank < extra)) * unit)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _message(enc: Encoded, start: int, end: int, fmt: WireFormat, block_size: int) -> torch.Tensor:
+    """Bytes of elements [start, end) of a whole-vector encoding: payload slice then its scales."""
+    bits = fmt.bits
+    payload = enc.payload[start * bits // 8 : start * bits // 8 + payload_bytes(end - start, fmt)]
+    if enc.scales is None:
+        return payload
+    first = start // block_size
+    scales = enc.scales[first : first + num_blocks(end - start, fmt, block_size)]
+    return torch.cat([payload, scales.contiguous().view(torch.uint8)])
+
+
+def _decode_message(message: torch.Tensor, numel: int, fmt: WireFormat, block_size: int) -> torch.Tensor:
+    """Inverse of :func:`_message` for a chunk of ``numel`` elements."""
+    size = payload_bytes(numel, fmt)
+    scales = None
+    if fmt.has_scales:
+        scales = message[size:].clone().view(torch.float32)  # clone: the slice may be misaligned for fp32
+    empty = torch.zeros((), dtype=torch.bool, device=message.device)
+    return decode(Encoded(message[:size], scales, numel, empty), fmt, block_size)
+
+
+def _fp32_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Sum in fp32, strictly in list (rank) order, so every rank and every test gets the same bits."""
+    total = parts[0].to(torch.float32).clone()
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+def _chunk_wire_sizes(
+    numel: int, world_size: int, fmt: WireFormat, block_size: int
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """Chunk bounds and the wire bytes of each chunk's encoding."""
+    bounds = chunk_bounds(numel, world_size, fmt, block_size)
+    return bounds, [wire_bytes(end - start, fmt, block_size) for start, end in bounds]
+
+
+def _reduce_scatter_all_gather_bytes(sizes: list[int], rank: int) -> int:
+    """Phase 1 sends every peer its chunk; phase 2 sends this rank's reduced chunk to every peer."""
+    own = sizes[rank]
+    return sum(sizes) - own + (len(sizes) - 1) * own
+
+
+def _all_gather_into(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup, async_op: bool):
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(output, input, group=group, async_op=async_op)
+
+
+class _Done:
+    """No communication (one rank, or an empty vector)."""
+
+    def __init__(self, result: torch.Tensor, nonfinite: torch.Tensor) -> None:
+        self.result, self.nonfinite, self.bytes_sent = result, nonfinite, 0
+
+    def advance(self) -> None:
+        pass
+
+    def wait(self) -> torch.Tensor:
+        return self.result
+
+
+class _PlainAllReduce:
+    """fp32: ``all_reduce`` SUM of the contribution, then division by ``divisor``."""
+
+    def __init__(
+        self,
+        contribution: torch.Tensor,
+        group: ProcessGroup,
+        divisor: Weight,
+        nonfinite: torch.Tensor,
+        bytes_sent: int,
+    ) -> None:
+        self.buffer, self.divisor = contribution, divisor
+        self.nonfinite, self.bytes_sent = nonfinite, bytes_sent
+        self.work = dist.all_reduce(self.buffer, group=group, async_op=True)
+
+    def advance(self) -> None:
+        pass
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+            self.buffer = self.buffer / self.divisor
+        return self.buffer
+
+
+class _AllGather:
+    """All-gather of every rank's encoded vector, fp32 sum of the decoded vectors in rank order."""
+
+    def __init__(
+        self,
+        enc: Encoded,
+        group: ProcessGroup,
+        fmt: WireFormat,
+        block_size: int,
+        divisor: Weight,
+        nonfinite: torch.Tensor,
+    ) -> None:
+        self.fmt, self.block_size, self.divisor, self.nonfinite = fmt, block_size, divisor, nonfinite
+        self.numel = enc.numel
+        self.world_size = dist.get_world_size(group)
+        message = _message(enc, 0, enc.numel, fmt, block_size)
+        self.message_bytes = message.numel()
+        self.bytes_sent = (self.world_size - 1) * self.message_bytes
+        self.received = torch.empty(
+            self.world_size * self.message_bytes, dtype=torch.uint8, device=message.device
+        )
+        self.work = _all_gather_into(self.received, message, group, async_op=True)
+        self.result: torch.Tensor | None = None
+
+    def advance(self) -> None:
+        pass
+
+    def wait(self) -> torch.Tensor:
+        if self.result is None:
+            self.work.wait()
+            parts = [
+                _decode_message(m, self.numel, self.fmt, self.block_size)
+                for m in self.received.split(self.message_bytes)
+            ]
+            self.result = _fp32_sum(parts) / self.divisor
+            self.received = None
+        return self.result
+
+
+class _ReduceScatterAllGather:
+    """Phase 1 all-to-all of quantized chunks + fp32 sum; phase 2 all-to-all of the requantized sums."""
+
+    def __init__(
+        self,
+        enc: Encoded,
+        group: ProcessGroup,
+        fmt: WireFormat,
+        block_size: int,
+        divisor: Weight,
+        nonfinite: torch.Tensor,
+        stochastic: bool,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.group, self.fmt, self.block_size, self.divisor = group, fmt, block_size, divisor
+        self.nonfinite, self.stochastic, self.generator = nonfinite, stochastic, generator
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.bounds, self.sizes = _chunk_wire_sizes(enc.numel, self.world_size, fmt, block_size)
+        self.bytes_sent = _reduce_scatter_all_gather_bytes(self.sizes, self.rank)
+        own = self.sizes[self.rank]
+
+        send = torch.cat([_message(enc, start, end, fmt, block_size) for start, end in self.bounds])
+        self.received = torch.empty(self.world_size * own, dtype=torch.uint8, device=send.device)
+        self.work = dist.all_to_all_single(
+            self.received, send, [own] * self.world_size, self.sizes, group=group, async_op=True
+        )
+        self.phase = 1
+        self.result: torch.Tensor | None = None
+
+    def advance(self) -> None:
+        if self.phase != 1:
+            return
+        self.work.wait()
+        start, end = self.bounds[self.rank]
+        own = self.sizes[self.rank]
+        parts = [_decode_message(m, end - start, self.fmt, self.block_size) for m in self.received.split(own)]
+        reduced = _fp32_sum(parts) / self.divisor
+        enc = encode(reduced, self.fmt, self.block_size, self.stochastic, self.generator)
+        message = _message(enc, 0, end - start, self.fmt, self.block_size)
+        self.received = torch.empty(sum(self.sizes), dtype=torch.uint8, device=message.device)
+        self.work = dist.all_to_all_single(
+            self.received, message.repeat(self.world_size), self.sizes, [own] * self.world_size,
+            group=self.group, async_op=True,
+        )
+        self.phase = 2
+
+    def wait(self) -> torch.Tensor:
+        if self.result is None:
+            self.advance()
+            self.work.wait()
+            chunks = [
+                _decode_message(m, end - start, self.fmt, self.block_size)
+                for m, (start, end) in zip(self.received.split(self.sizes), self.bounds)
+            ]
+            self.result = torch.cat(chunks)
+            self.received = None
+            self.phase = 3
+        return self.result
+
+
+def launch_quantized_all_reduce_mean(
+    x: torch.Tensor,
+    group: ProcessGroup | None,
+    fmt: str | WireFormat,
+    block_size: int = 128,
+    weight: Weight = 1.0,
+    divisor: Weight | None = None,
+    algorithm: str = REDUCE_SCATTER,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    error_feedback: ErrorFeedback | None = None,
+) -> QuantizedAllReduceHandle:
+    """Start ``sum_w (weight_w * x_w) / divisor`` over ``group`` with ``fmt`` on the wire; see the module doc.
+
+    ``x`` is this rank's 1-D contribution (same length on every rank; not modified). ``divisor`` defaults to
+    the group size (a plain mean); pass the sum of the weights for a weighted mean, or 1 when the weights
+    are already normalised (EDiT's softmax weights, SPEC 2.2). With ``error_feedback``, this rank's
+    residual from the previous sync is added to ``weight * x`` before encoding and the new residual (of the
+    first quantization) is stored. ``generator`` drives stochastic rounding of both quantizations.
+    """
+    fmt = get_format(fmt)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if x.dim() != 1:
+        raise ValueError(f"quantized all-reduce takes a 1-D tensor, got shape {tuple(x.shape)}")
+    world_size = dist.get_world_size(group)
+    if divisor is None:
+        divisor = float(world_size)
+
+    contribution = x.to(torch.float32)
+    if not (isinstance(weight, (int, float)) and weight == 1):
+        contribution = contribution * weight
+    if error_feedback is not None:
+        contribution = error_feedback.compensate(contribution)
+    finite = torch.isfinite(contribution)
+    nonfinite = ~finite.all()
+    contribution = torch.where(finite, contribution, torch.zeros_like(contribution))  # a fresh buffer
+
+    if world_size == 1 or contribution.numel() == 0:
+        if error_feedback is not None:
+            error_feedback.record(contribution, contribution)
+        return _Done(contribution / divisor, nonfinite)
+    if fmt.name == "fp32":
+        if error_feedback is not None:
+            error_feedback.record(contribution, contribution)
+        _, sizes = _chunk_wire_sizes(contribution.numel(), world_size, fmt, block_size)
+        bytes_sent = _reduce_scatter_all_gather_bytes(sizes, dist.get_rank(group))
+        return _PlainAllReduce(contribution, group, divisor, nonfinite, bytes_sent)
+
+    enc = encode(contribution, fmt, block_size, stochastic, generator)
+    if error_feedback is not None:
+        error_feedback.record(contribution, decode(enc, fmt, block_size))
+    if algorithm == ALL_GATHER:
+        return _AllGather(enc, group, fmt, block_size, divisor, nonfinite)
+    return _ReduceScatterAllGather(enc, group, fmt, block_size, divisor, nonfinite, stochastic, generator)
+
+
+def quantized_all_reduce_mean(
+    x: torch.Tensor,
+    group: ProcessGroup | None,
+    fmt: str | WireFormat,
+    block_size: int = 128,
+    weight: Weight = 1.0,
+    divisor: Weight | None = None,
+    algorithm: str = REDUCE_SCATTER,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    error_feedback: ErrorFeedback | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Blocking form of :func:`launch_quantized_all_reduce_mean`: (fp32 result, bytes this rank sent)."""
+    handle = launch_quantized_all_reduce_mean(
+        x, group, fmt, block_size, weight, divisor, algorithm, stochastic, generator, error_feedback
+    )
+    return handle.wait(), handle.bytes_sent

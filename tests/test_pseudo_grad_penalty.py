@@ -1,0 +1,357 @@
+"""EDiT pseudo-gradient penalty: hand-checked cases and a plain-loop float64 reference over several syncs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_edit.pseudo_grad_penalty import (
+    STD_RELATIVE_FLOOR,
+    PenaltyConfig,
+    PenaltyStats,
+    clip_coefficient,
+    init_stats,
+    penalty_weights,
+    weighted_sum_contribution,
+)
+
+NAN = float("nan")
+INF = float("inf")
+
+
+# --------------------------------------------------------------------------------------------------
+# Independent reference: plain Python loops and floats (float64), written from SPEC 2.2.
+
+
+def reference_penalized_average(deltas, stats, cfg, step_weights=None):
+    """deltas: worker -> layer -> tensor. Returns (combined per layer, weights[w][l], skip[l], stats dict)."""
+    num_workers, num_layers = len(deltas), len(deltas[0])
+    mean = [float(x) for x in stats.mean.tolist()]
+    var = [float(x) for x in stats.var.tolist()]
+    count = [int(x) for x in stats.count.tolist()]
+    combined, weights_out, skip_out = [], [[0.0] * num_layers for _ in range(num_workers)], []
+    for layer in range(num_layers):
+        norms = []
+        for w in range(num_workers):
+            values = [float(x) for x in deltas[w][layer].flatten().tolist()]
+            if any(math.isnan(x) or math.isinf(x) for x in values):
+                norms.append(NAN)
+            else:
+                norms.append(math.sqrt(sum(x * x for x in values)))
+        good = []
+        for w in range(num_workers):
+            g = norms[w]
+            if math.isnan(g) or math.isinf(g):
+                continue
+            if cfg.anomaly_threshold > 0 and count[layer] >= cfg.ewma_warmup:
+                std = max(math.sqrt(var[layer]), STD_RELATIVE_FLOOR * abs(mean[layer]))
+                if std == 0.0:
+                    if g > mean[layer]:
+                        continue
+                elif (g - mean[layer]) / std > cfg.anomaly_threshold:
+                    continue
+            good.append(w)
+        if not good:
+            skip_out.append(True)
+            combined.append(torch.zeros_like(deltas[0][layer], dtype=torch.float64))
+            continue
+        skip_out.append(False)
+        if cfg.weighting == "uniform":
+            raw = {w: 1.0 / len(good) for w in good}
+        else:
+            temperature = cfg.temperature * sum(norms[w] for w in good) / len(good)
+            if temperature == 0.0:
+                temperature = 1.0
+            exps = {w: math.exp(-norms[w] / temperature) for w in good}
+            raw = {w: exps[w] / sum(exps.values()) for w in good}
+        if step_weights is not None:
+            scaled = {w: raw[w] * step_weights[w] for w in good}
+            if sum(scaled.values()) > 0:
+                raw = {w: scaled[w] / sum(scaled.values()) for w in good}
+        total = torch.zeros_like(deltas[0][layer], dtype=torch.float64)
+        for w in good:
+            weights_out[w][layer] = raw[w]
+            total = total + raw[w] * deltas[w][layer].double()
+        if cfg.clip is not None:
+            norm = math.sqrt(sum(x * x for x in total.flatten().tolist()))
+            if norm > cfg.clip:
+                total = total * (cfg.clip / norm)
+        combined.append(total)
+        # statistics: good workers in order; count counts syncs
+        for w in good:
+            g = norms[w]
+            if count[layer] == 0 and w == good[0]:
+                mean[layer], var[layer] = g, 0.0
+            else:
+                diff = g - mean[layer]
+                incr = cfg.ewma_alpha * diff
+                mean[layer] += incr
+                var[layer] = (1 - cfg.ewma_alpha) * (var[layer] + diff * incr)
+        count[layer] += 1
+    return combined, weights_out, skip_out, {"mean": mean, "var": var, "count": count}
+
+
+def torch_penalized_average(deltas, stats, cfg, step_weights=None):
+    """What the distributed combine does, on one process: norms, weights, masked sum, clip."""
+    num_workers, num_layers = len(deltas), len(deltas[0])
+    norms = torch.stack(
+        [torch.stack([torch.linalg.vector_norm(deltas[w][l]) for l in range(num_layers)]) for w in range(num_workers)]
+    )
+    weights, skip, anomalous, new_stats = penalty_weights(norms, stats, cfg, step_weights)
+    combined = []
+    for layer in range(num_layers):
+        total = torch.zeros_like(deltas[0][layer])
+        for w in range(num_workers):
+            total = total + weighted_sum_contribution(deltas[w][layer], weights[w, layer])
+        total = total * clip_coefficient(torch.linalg.vector_norm(total), cfg.clip)
+        combined.append(total)
+    return combined, weights, skip, anomalous, new_stats
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-checked cases.
+
+
+def _stats(mean, var, count):
+    return PenaltyStats(
+        mean=torch.tensor(mean, dtype=torch.float32),
+        var=torch.tensor(var, dtype=torch.float32),
+        count=torch.tensor(count, dtype=torch.int64),
+    )
+
+
+def test_uniform_weights_exclude_anomalous_worker():
+    cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=3.0, ewma_warmup=1)
+    stats = _stats([1.0], [0.01], [5])  # std 0.1: anomalous above 1.3
+    norms = torch.tensor([[1.0], [1.2], [5.0], [0.9]])
+    weights, skip, anomalous, _ = penalty_weights(norms, stats, cfg)
+    assert anomalous[:, 0].tolist() == [False, False, True, False]
+    torch.testing.assert_close(weights[:, 0], torch.tensor([1 / 3, 1 / 3, 0.0, 1 / 3]), rtol=1e-7, atol=0)
+    assert weights[2, 0].item() == 0.0
+    assert skip.tolist() == [False]
+
+
+def test_z_threshold_boundary():
+    cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=3.0, ewma_warmup=1)
+    stats = _stats([1.0, 1.0], [0.01, 0.01], [3, 3])
+    norms = torch.tensor([[1.29, 1.31]])  # z = 2.9 and 3.1
+    _, skip, anomalous, _ = penalty_weights(norms, stats, cfg)
+    assert anomalous.tolist() == [[False, True]]
+    assert skip.tolist() == [False, True]
+    # one-sided: a norm far below the mean is never anomalous
+    _, _, anomalous, _ = penalty_weights(torch.tensor([[0.01, 0.0]]), stats, cfg)
+    assert anomalous.tolist() == [[False, False]]
+
+
+def test_anomaly_detection_waits_for_warmup_but_nan_does_not():
+    cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=3.0, ewma_warmup=3)
+    stats = _stats([1.0], [0.01], [2])  # two syncs observed: still warming up
+    norms = torch.tensor([[1.0], [100.0], [NAN], [INF]])
+    weights, _, anomalous, new_stats = penalty_weights(norms, stats, cfg)
+    assert anomalous[:, 0].tolist() == [False, False, True, True]
+    assert weights[:, 0].tolist() == [0.5, 0.5, 0.0, 0.0]
+    assert new_stats.count.tolist() == [3]
+    # the same norms once count reaches the warmup: 100 is now anomalous
+    _, _, anomalous, _ = penalty_weights(norms, new_stats, cfg)
+    assert anomalous[:, 0].tolist() == [False, True, True, True]
+
+
+def test_threshold_zero_disables_z_test():
+    cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=0.0, ewma_warmup=1)
+    stats = _stats([1.0], [0.0], [10])
+    _, _, anomalous, _ = penalty_weights(torch.tensor([[1e6], [NAN]]), stats, cfg)
+    assert anomalous[:, 0].tolist() == [False, True]
+
+
+def test_zero_variance_equal_norm_is_not_anomalous():
+    cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=3.0, ewma_warmup=1)
+    stats = _stats([2.0, 0.0], [0.0, 0.0], [1, 1])
+    norms = torch.tensor([[2.0, 0.0], [2.0 * (1 + 2e-6), 1e-3], [2.0 * (1 + 5e-6), 0.0]])
+    _, _, anomalous, _ = penalty_weights(norms, stats, cfg)
+    # std floor = 1e-6 * 2: 2e-6 relative is z = 2, 5e-6 is z = 5; a frozen layer (mean 0) flags any growth
+    assert anomalous.tolist() == [[False, False], [False, True], [True, False]]
+
+
+def test_norm_weights_softmax_values_and_scale_invariance():
+    cfg = PenaltyConfig(weighting="norm", temperature=1.0, anomaly_threshold=0.0)
+    norms = torch.tensor([[1.0], [2.0], [3.0]])
+    weights, _, _, _ = penalty_weights(norms, init_stats(1), cfg)
+    # T = 1 * mean(1, 2, 3) = 2 -> softmax(-[0.5, 1.0, 1.5])
+    exps = [math.exp(-0.5), math.exp(-1.0), math.exp(-1.5)]
+    expected = torch.tensor([e / sum(exps) for e in exps])
+    torch.testing.assert_close(weights[:, 0], expected, rtol=1e-6, atol=0)
+    assert abs(weights[0, 0].item() - 0.506480) < 1e-5
+    scaled, _, _, _ = penalty_weights(norms * 1000.0, init_stats(1), cfg)
+    torch.testing.assert_close(scaled, weights, rtol=1e-6, atol=0)
+    hot, _, _, _ = penalty_weights(norms, init_stats(1), PenaltyConfig(weighting="norm", temperature=0.5))
+    exps = [math.exp(-1.0), math.exp(-2.0), math.exp(-3.0)]
+    torch.testing.assert_close(hot[:, 0], torch.tensor([e / sum(exps) for e in exps]), rtol=1e-6, atol=0)
+
+
+def test_norm_weights_skip_anomalous_and_zero_norms():
+    cfg = PenaltyConfig(weighting="norm", anomaly_threshold=0.0)
+    norms = torch.tensor([[1.0, 0.0], [NAN, 0.0], [3.0, 0.0]])
+    weights, skip, _, _ = penalty_weights(norms, init_stats(2), cfg)
+    # layer 0: T = 2, softmax over workers 0 and 2 of -[0.5, 1.5]; layer 1: all norms 0 -> uniform
+    w0 = 1 / (1 + math.exp(-1.0))
+    torch.testing.assert_close(weights[:, 0], torch.tensor([w0, 0.0, 1 - w0]), rtol=1e-6, atol=0)
+    assert weights[1, 0].item() == 0.0
+    torch.testing.assert_close(weights[:, 1], torch.full((3,), 1 / 3), rtol=1e-6, atol=0)
+    assert skip.tolist() == [False, False]
+
+
+def test_step_weights_uniform_and_norm():
+    cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=0.0)
+    norms = torch.tensor([[1.0], [1.0], [1.0], [INF]])
+    steps = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    weights, _, _, _ = penalty_weights(norms, init_stats(1), cfg, step_weights=steps)
+    torch.testing.assert_close(weights[:, 0], torch.tensor([1 / 6, 2 / 6, 3 / 6, 0.0]), rtol=1e-6, atol=0)
+    cfg = PenaltyConfig(weighting="norm", anomaly_threshold=0.0)
+    norms = torch.tensor([[1.0], [3.0]])
+    weights, _, _, _ = penalty_weights(norms, init_stats(1), cfg, step_weights=torch.tensor([3.0, 1.0]))
+    # softmax(-[0.5, 1.5]) * [3, 1], renormalised
+    a, b = 3 * math.exp(-0.5), math.exp(-1.5)
+    torch.testing.assert_close(weights[:, 0], torch.tensor([a / (a + b), b / (a + b)]), rtol=1e-6, atol=0)
+    # all step weights zero: keep the unscaled weights rather than divide by zero
+    weights, _, _, _ = penalty_weights(norms, init_stats(1), cfg, step_weights=torch.zeros(2))
+    w0 = 1 / (1 + math.exp(-1.0))
+    torch.testing.assert_close(weights[:, 0], torch.tensor([w0, 1 - w0]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "norm"])
+def test_all_anomalous_layer_skips_and_keeps_stats(weighting):
+    cfg = PenaltyConfig(weighting=weighting, anomaly_threshold=3.0, ewma_warmup=1)
+    stats = _stats([1.0, 1.0], [0.01, 0.01], [4, 4])
+    norms = torch.tensor([[9.0, 1.0], [NAN, 1.1]])
+    weights, skip, anomalous, new_stats = penalty_weights(norms, stats, cfg)
+    assert skip.tolist() == [True, False]
+    assert anomalous[:, 0].tolist() == [True, True]
+    assert weights[:, 0].tolist() == [0.0, 0.0]
+    assert not torch.isnan(weights).any()
+    assert new_stats.mean[0].item() == 1.0 and new_stats.var[0].item() == pytest.approx(0.01)
+    assert new_stats.count.tolist() == [4, 5]
+
+
+def test_ewma_update_by_hand():
+    cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=3.0, ewma_alpha=0.5, ewma_warmup=5)
+    stats = init_stats(1)
+    # sync 1, first observation ever sets mean = 2, var = 0; then G = 4: diff 2, incr 1 -> mean 3,
+    # var = 0.5 * (0 + 2 * 1) = 1. The NaN worker contributes nothing.
+    _, _, _, stats = penalty_weights(torch.tensor([[2.0], [NAN], [4.0]]), stats, cfg)
+    assert stats.mean.tolist() == [3.0] and stats.var.tolist() == [1.0] and stats.count.tolist() == [1]
+    # sync 2, G = 1: diff -2, incr -1 -> mean 2, var = 0.5 * (1 + 2) = 1.5
+    _, _, _, stats = penalty_weights(torch.tensor([[1.0], [INF], [NAN]]), stats, cfg)
+    assert stats.mean.tolist() == [2.0] and stats.var.tolist() == [1.5] and stats.count.tolist() == [2]
+
+
+def test_anomalous_norm_never_enters_statistics():
+    cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=3.0, ewma_warmup=1)
+    stats = _stats([1.0], [0.01], [3])
+    _, _, anomalous, new_stats = penalty_weights(torch.tensor([[1.0], [1e6]]), stats, cfg)
+    assert anomalous[:, 0].tolist() == [False, True]
+    # only G = 1.0 (= mean) observed: mean unchanged, var shrinks by (1 - alpha)
+    assert new_stats.mean.tolist() == [1.0]
+    assert new_stats.var[0].item() == pytest.approx(0.98 * 0.01, rel=1e-6)
+    assert torch.equal(stats.mean, torch.tensor([1.0]))  # input not mutated
+
+
+def test_nan_worker_would_poison_naive_sum():
+    deltas = [torch.tensor([1.0, 2.0]), torch.tensor([NAN, INF]), torch.tensor([3.0, 4.0])]
+    cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=0.0, clip=None)
+    norms = torch.stack([torch.linalg.vector_norm(d) for d in deltas]).unsqueeze(1)
+    weights, _, anomalous, new_stats = penalty_weights(norms, init_stats(1), cfg)
+    assert anomalous[:, 0].tolist() == [False, True, False]
+    assert weights[1, 0].item() == 0.0
+    assert new_stats.mean.tolist() == [pytest.approx((5**0.5) + 0.02 * (5 - 5**0.5), rel=1e-6)]
+    naive = sum(weights[w, 0] * deltas[w] for w in range(3))
+    assert torch.isnan(naive).all()  # 0 * NaN = NaN and 0 * Inf = NaN
+    masked = sum(weighted_sum_contribution(deltas[w], weights[w, 0]) for w in range(3))
+    assert masked.tolist() == [2.0, 3.0]
+
+
+def test_weighted_sum_contribution():
+    assert weighted_sum_contribution(torch.tensor([NAN, INF, -INF]), torch.tensor(0.0)).tolist() == [0.0, 0.0, 0.0]
+    assert weighted_sum_contribution(torch.tensor([2.0, -4.0]), torch.tensor(0.25)).tolist() == [0.5, -1.0]
+    out = weighted_sum_contribution(torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor(0.5))
+    assert out.dtype == torch.float32
+
+
+def test_clip_coefficient():
+    norms = torch.tensor([20.0, 10.0, 5.0, 0.0, INF, NAN])
+    assert clip_coefficient(norms, 10.0).tolist() == [0.5, 1.0, 1.0, 1.0, 0.0, 1.0]
+    assert clip_coefficient(norms, None).tolist() == [1.0] * 6
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="ewma_alpha"):
+        PenaltyConfig(ewma_alpha=0.0)
+    with pytest.raises(ValueError, match="weighting"):
+        PenaltyConfig(weighting="softmax")
+    with pytest.raises(ValueError, match="temperature"):
+        PenaltyConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="clip"):
+        PenaltyConfig(clip=-1.0)
+    with pytest.raises(ValueError, match="anomaly_threshold"):
+        PenaltyConfig(anomaly_threshold=-1.0)
+    with pytest.raises(ValueError, match="ewma_warmup"):
+        PenaltyConfig(ewma_warmup=0)
+    assert PenaltyConfig(clip=None).clip is None
+
+
+def test_stats_state_dict_roundtrip():
+    stats = _stats([1.0, 2.0], [0.5, 0.25], [3, 7])
+    restored = init_stats(2)
+    restored.load_state_dict({k: v.clone() for k, v in stats.state_dict().items()})
+    assert restored.mean.tolist() == [1.0, 2.0] and restored.var.tolist() == [0.5, 0.25]
+    assert restored.count.tolist() == [3, 7] and restored.count.dtype == torch.int64
+    with pytest.raises(ValueError, match="shape"):
+        init_stats(3).load_state_dict(stats.state_dict())
+
+
+# --------------------------------------------------------------------------------------------------
+# Against the reference, over several syncs.
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "norm"])
+@pytest.mark.parametrize("use_steps", [False, True])
+@pytest.mark.parametrize("clip", [None, 0.3])
+def test_matches_reference_over_syncs(weighting, use_steps, clip):
+    cfg = PenaltyConfig(
+        weighting=weighting, anomaly_threshold=2.5, ewma_alpha=0.2, ewma_warmup=2, temperature=0.7, clip=clip
+    )
+    gen = torch.Generator().manual_seed(3)
+    num_workers, sizes = 4, [5, 7, 3]
+    stats = init_stats(len(sizes))
+    ref_stats = init_stats(len(sizes))
+    saw = {"anomalous": 0, "skip": 0, "clipped": 0}
+    for sync in range(8):
+        deltas = [[torch.randn(n, generator=gen) * 0.3 for n in sizes] for _ in range(num_workers)]
+        if sync >= 3:
+            deltas[1][0] = deltas[1][0] * 50.0  # a spike, caught by the z-test after warmup
+        if sync == 4:
+            deltas[2][1][0] = NAN
+        if sync == 5:
+            for w in range(num_workers):  # every worker spikes on layer 2: the layer skips
+                deltas[w][2] = deltas[w][2] * 100.0
+        steps = torch.tensor([3.0, 1.0, 2.0, 5.0]) if use_steps else None
+        combined, weights, skip, anomalous, stats = torch_penalized_average(deltas, stats, cfg, steps)
+        ref_combined, ref_weights, ref_skip, ref_stats_dict = reference_penalized_average(
+            deltas, ref_stats, cfg, steps.tolist() if steps is not None else None
+        )
+        assert skip.tolist() == ref_skip
+        torch.testing.assert_close(weights.double(), torch.tensor(ref_weights, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+        for layer in range(len(sizes)):
+            torch.testing.assert_close(combined[layer].double(), ref_combined[layer], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats.mean.double(), torch.tensor(ref_stats_dict["mean"], dtype=torch.float64), rtol=1e-5, atol=0)
+        torch.testing.assert_close(stats.var.double(), torch.tensor(ref_stats_dict["var"], dtype=torch.float64), rtol=1e-4, atol=1e-9)
+        assert stats.count.tolist() == ref_stats_dict["count"]
+        ref_stats = _stats(ref_stats_dict["mean"], ref_stats_dict["var"], ref_stats_dict["count"])
+        saw["anomalous"] += int(anomalous.sum())
+        saw["skip"] += int(skip.sum())
+        if clip is not None:
+            saw["clipped"] += sum(int(torch.linalg.vector_norm(c) > clip - 1e-4) for c in combined)
+    # the scenario really exercised the branches
+    assert saw["anomalous"] >= 5 + 1 + 4 and saw["skip"] == 1
+    if clip is not None:
+        assert saw["clipped"] > 0
