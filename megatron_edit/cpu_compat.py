@@ -238,3 +238,15 @@ def deactivate() -> None:
 
 def is_active() -> bool:
     return _ACTIVE is not None
+
+
+def transformer_config_overrides() -> dict:
+    """TransformerConfig settings the gloo backend needs (empty when the layer is off).
+
+    ``batch_p2p_comm=False``: gloo matches point-to-point messages between two ranks in posting order;
+    megatron-core's batched p2p path posts forward and backward messages in different orders on the
+    two sides (NCCL groups make that safe), which pairs activations of different microbatches under the
+    interleaved schedule (measured: wrong loss from the first iteration with 4 microbatches, PP 2, VPP 2).
+    The unbatched path orders them even/odd and is correct on gloo.
+    """
+    return {"batch_p2p_comm": False} if is_active() else {}

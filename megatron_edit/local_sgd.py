@@ -28,7 +28,13 @@ import torch.distributed as dist
 from megatron_edit import mcore_adapter
 from megatron_edit.config import LocalSGDConfig
 from megatron_edit.outer_optimizer import needs_outer_momentum, outer_step
-from megatron_edit.outer_state import OuterShard, collect_outer_shards, init_outer_state, num_layer_keys
+from megatron_edit.outer_state import (
+    OuterShard,
+    collect_outer_shards,
+    init_outer_state,
+    num_layer_keys,
+    param_layer_keys,
+)
 from megatron_edit.pseudo_grad_penalty import (
     PenaltyConfig,
     clip_coefficient,
@@ -137,9 +143,10 @@ class LocalSGD:
             raise RuntimeError(f"inter-worker group lists workers as {out.tolist()}, expected 0..W-1")
 
     def _build_units(self) -> list[_Unit]:
+        key_of = param_layer_keys(self.model, self.num_layers)
         if not self.cfg.layerwise:
             unit = _Unit(list(self.shards))
-            unit.keys = {s.key for s in self.shards}
+            unit.keys = set(key_of.values())  # the same on every rank of the stage
             return [unit]
         # Forward order: chunks in order; inside a chunk DDP lists bucket groups in backward order.
         units = []
@@ -148,9 +155,10 @@ class LocalSGD:
             by_group.setdefault(id(s.bucket_group), []).append(s)
         for chunk in self.model:
             for bg in reversed(mcore_adapter.ddp_bucket_groups(chunk)):
-                shards = by_group.get(id(bg), [])
-                unit = _Unit(shards)
-                unit.keys = {s.key for s in shards}
+                unit = _Unit(by_group.get(id(bg), []))
+                # Keys of the whole bucket group, not of this rank's shards: every rank of the stage
+                # must take part in the same per-layer norm reductions.
+                unit.keys = {key_of[p] for p in mcore_adapter.bucket_group_params(bg)}
                 unit.bucket_group = bg
                 units.append(unit)
         return units

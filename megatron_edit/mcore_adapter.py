@@ -61,6 +61,11 @@ def param_to_bucket_group(ddp_module: Any) -> dict:
     return dict(getattr(ddp_module, "param_to_bucket_group", {}))
 
 
+def bucket_group_params(bucket_group: Any) -> set:
+    """``_ParamAndGradBucketGroup.params``: every param of the group's buckets (0.16.1)."""
+    return set(bucket_group.params)
+
+
 def sub_optimizers(optimizer: Any) -> list:
     """``ChainedOptimizer.chained_optimizers`` or the optimizer itself."""
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))

@@ -47,21 +47,31 @@ class OuterShard:
     momentum: Optional[torch.Tensor] = None
 
 
-def collect_outer_shards(model_chunks, optimizer, num_layers: int, tp_rank: int, intra_dp_rank: int,
-                         distributed_optimizer: bool) -> list[OuterShard]:
-    """One record per (model param, main shard) pair of this rank, in a fixed order on every rank."""
+def _named_params(model_chunks):
+    """(chunk index, param, global name, is the tied output copy) for every model parameter."""
     from megatron_edit.training.model import global_param_name, unwrap
 
-    info = {}
     for c, chunk in enumerate(model_chunks):
         inner = unwrap(chunk)
-        bucket_groups = mcore_adapter.param_to_bucket_group(chunk)
         for local_name, p in inner.named_parameters():
             name = global_param_name(inner, local_name)
             tied_copy = getattr(p, "shared", False) and getattr(p, "shared_embedding", False)
             if tied_copy or (local_name == "output_layer.weight" and inner.share_embeddings_and_output_weights):
                 name = "embedding.word_embeddings.weight"
-            info[p] = (c, name, bucket_groups.get(p), tied_copy)
+            yield c, p, name, tied_copy
+
+
+def param_layer_keys(model_chunks, num_layers: int) -> dict:
+    return {p: layer_key(name, num_layers) for _, p, name, _ in _named_params(model_chunks)}
+
+
+def collect_outer_shards(model_chunks, optimizer, num_layers: int, tp_rank: int, intra_dp_rank: int,
+                         distributed_optimizer: bool) -> list[OuterShard]:
+    """One record per (model param, main shard) pair of this rank, in a fixed order on every rank."""
+    bucket_group_of = [mcore_adapter.param_to_bucket_group(chunk) for chunk in model_chunks]
+    info = {}
+    for c, p, name, tied_copy in _named_params(model_chunks):
+        info[p] = (c, name, bucket_group_of[c].get(p), tied_copy)
     shards = []
     for model_param, main, view in mcore_adapter.main_param_pairs(optimizer):
         c, name, bucket_group, tied_copy = info[model_param]

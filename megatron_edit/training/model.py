@@ -59,6 +59,9 @@ def build_transformer_config(args):
         persist_layer_norm=False,
         deallocate_pipeline_outputs=True,
     )
+    from megatron_edit import cpu_compat
+
+    kwargs.update(cpu_compat.transformer_config_overrides())
     if args.swiglu:
         import torch.nn.functional as F
 

@@ -46,7 +46,8 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     losses = output_tensor.float()
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses.view(-1) * mask) / mask.sum().clamp(min=1.0)
-    return loss, {"lm loss": loss.detach()}
+    # clone: megatron-core divides the returned loss in place by the microbatch count (schedules.py).
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def forward_step(data_iterator, model):
@@ -114,7 +115,8 @@ class Trainer:
 
         train, valid, _ = build_datasets(args, self.tokenizer, vocab)
         dp_rank, dp_size = self.topology.data_parallel_rank, self.topology.data_parallel_size
-        self.train_batches = MicroBatches(train, args.micro_batch_size, self.num_microbatches, dp_rank, dp_size)
+        self.train_data = self._iterators(
+            lambda: MicroBatches(train, args.micro_batch_size, self.num_microbatches, dp_rank, dp_size))
         self.valid_dataset = valid
         self.iteration = 0
         self.consumed_samples = 0
@@ -134,8 +136,12 @@ class Trainer:
             f"{local_sgd_cfg.method if local_sgd_cfg else 'synchronous'}"
         )
 
-    def _iterators(self, batches):
-        return [batches] * len(self.model) if len(self.model) > 1 else batches
+    def _iterators(self, make_batches):
+        """One iterator per virtual-pipeline chunk: each chunk must read the same microbatch sequence
+        (the first chunk uses the tokens, the last the labels)."""
+        if len(self.model) == 1:
+            return make_batches()
+        return [make_batches() for _ in self.model]
 
     def train_step(self):
         for chunk in self.model:
@@ -143,7 +149,7 @@ class Trainer:
         self.optimizer.zero_grad()
         loss_dicts = self.forward_backward(
             forward_step_func=forward_step,
-            data_iterator=self._iterators(self.train_batches),
+            data_iterator=self.train_data,
             model=self.model,
             num_microbatches=self.num_microbatches,
             seq_length=self.args.seq_length,
@@ -167,13 +173,14 @@ class Trainer:
         self.sync_params_for_reading()
         for chunk in self.model:
             chunk.eval()
-        batches = MicroBatches(self.valid_dataset, self.args.micro_batch_size, self.num_microbatches,
-                               self.topology.data_parallel_rank, self.topology.data_parallel_size)
+        valid = self._iterators(lambda: MicroBatches(
+            self.valid_dataset, self.args.micro_batch_size, self.num_microbatches,
+            self.topology.data_parallel_rank, self.topology.data_parallel_size))
         losses = []
         for _ in range(self.args.eval_iters):
             loss_dicts = self.forward_backward(
                 forward_step_func=forward_step,
-                data_iterator=self._iterators(batches),
+                data_iterator=valid,
                 model=self.model,
                 num_microbatches=self.num_microbatches,
                 seq_length=self.args.seq_length,
@@ -211,7 +218,8 @@ class Trainer:
                 print_rank_last(validation_line(self.iteration, {"lm loss": loss}))
                 self.tensorboard.scalars({"lm loss validation": loss}, self.iteration)
 
-    def train(self) -> list[float]:
+    def train(self, on_step=None) -> list[float]:
+        """Run to --train-iters; ``on_step(trainer)`` is called after every iteration (tests use it)."""
         args = self.args
         history: list[float] = []
         window_losses: list[float] = []
@@ -226,6 +234,8 @@ class Trainer:
                 window_losses.append(loss)
                 if loss != loss:
                     nan_iters += 1
+            if on_step is not None:
+                on_step(self)
             if report is not None:
                 print_rank_last(sync_line(**report.as_log_fields()))
                 self.tensorboard.scalars(report.scalars(), self.iteration)
@@ -260,7 +270,8 @@ def init_distributed(args) -> None:
         dist.init_process_group(backend=backend)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Optional[list[float]]:
+def build_trainer(argv: Optional[Sequence[str]] = None) -> Trainer:
+    """Validate flags (before any process group), switch on the CPU layer if needed, build everything."""
     _quiet_known_warnings()
     try:
         args, local_sgd_cfg = parse_and_validate(argv)
@@ -268,17 +279,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[list[float]]:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     from megatron_edit import cpu_compat
-
-    cpu_compat.activate(True if args.force_cpu else None)
     from megatron_edit.data.errors import DataError
 
+    cpu_compat.activate(True if args.force_cpu else None)
     init_distributed(args)
     try:
-        trainer = Trainer(args, local_sgd_cfg)
-        history = trainer.train()
+        return Trainer(args, local_sgd_cfg)
     except DataError as e:  # raised identically on every rank (validation before training)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[float]:
+    trainer = build_trainer(argv)
+    history = trainer.train()
     shutdown()
     return history
 
