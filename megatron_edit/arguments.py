@@ -7,6 +7,7 @@ with one line naming the flag (``FlagError``), so a bad launch costs no cluster 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Optional, Sequence
 
@@ -25,6 +26,14 @@ TOKENIZER_TYPES = ("SentencePieceTokenizer", "NullTokenizer")
 
 class FlagError(ValueError):
     """One line naming the flag and the rule it breaks."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (unknown flag, bad choice, malformed W:FACTOR, missing required flag) become a
+    one-line FlagError too, instead of a usage block and SystemExit from inside parse_args."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise FlagError(" ".join(str(message).split()))
 
 
 def _worker_factor(text: str) -> tuple[int, float]:
@@ -80,7 +89,7 @@ def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         description="Megatron-style GPT pretraining on megatron-core, with optional local SGD",
         allow_abbrev=False,
     )
@@ -177,6 +186,10 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[
     }
 
 
+def _local_sgd_dests() -> frozenset:
+    return frozenset(a.dest for a in add_local_sgd_args(argparse.ArgumentParser())._actions if a.dest != "help")
+
+
 def _fail(msg: str) -> None:
     raise FlagError(msg)
 
@@ -202,6 +215,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     args.data_parallel_size = dp
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size < 1:
+        _fail(f"--global-batch-size {args.global_batch_size} must be >= 1")
     if args.global_batch_size % (args.micro_batch_size * dp) != 0:
         _fail(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
               f"{args.micro_batch_size} x data-parallel size {dp}")
@@ -216,6 +231,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         _fail(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     if args.num_layers_per_virtual_pipeline_stage is not None:
         per_stage = args.num_layers // pp
+        if args.num_layers_per_virtual_pipeline_stage < 1:
+            _fail(f"--num-layers-per-virtual-pipeline-stage {args.num_layers_per_virtual_pipeline_stage} "
+                  "must be >= 1")
         if pp < 2:
             _fail("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size >= 2")
         if per_stage % args.num_layers_per_virtual_pipeline_stage != 0:
@@ -252,6 +270,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         _fail(f"--tokenizer-type {args.tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}")
     if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
         _fail("--tokenizer-type NullTokenizer needs --vocab-size")
+    if args.vocab_size is not None and args.vocab_size < 1:
+        _fail(f"--vocab-size {args.vocab_size} must be >= 1")
     if args.tokenizer_type == "SentencePieceTokenizer":
         if args.tokenizer_model is None:
             _fail("--tokenizer-type SentencePieceTokenizer needs --tokenizer-model")
@@ -266,7 +286,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         split_values = [float(s) for s in split]
     except ValueError:
         split_values = []
-    if not split_values or len(split_values) > 3 or any(v < 0 for v in split_values) or sum(split_values) <= 0:
+    if (not split_values or len(split_values) > 3 or any(not (math.isfinite(v) and v >= 0) for v in split_values)
+            or sum(split_values) <= 0):
         _fail(f"--split {args.split!r} must be up to three non-negative weights like 969,30,1")
     if (args.load or args.save) and args.local_sgd is not None:
         pass  # local-SGD checkpoints: outer state is saved alongside (see checkpointing)
@@ -284,6 +305,15 @@ def parse_and_validate(
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate_args(args, world_size)
+    if args.local_sgd is None:
+        # Name the flag as typed (e.g. --no-local-sgd-layerwise, not its dest); LocalSGDConfig.from_args
+        # enforces the same rule by dest for other callers.
+        ours = {s for a in parser._actions if a.dest in _LOCAL_SGD_DESTS and a.dest != "local_sgd"
+                for s in a.option_strings}
+        for arg in argv:
+            name = arg.split("=", 1)[0]
+            if name in ours:
+                raise FlagError(f"{name} needs --local-sgd {{{','.join(METHODS)}}}")
     try:
         local_sgd = LocalSGDConfig.from_args(args, explicit_dests(parser, argv))
         if local_sgd is not None:
@@ -297,3 +327,6 @@ def parse_and_validate(
     except ConfigError as e:
         raise FlagError(str(e)) from None
     return args, local_sgd
+
+
+_LOCAL_SGD_DESTS = _local_sgd_dests()

@@ -96,7 +96,7 @@ class LocalSGDConfig:
             raise ConfigError(f"{flag('outer_momentum')} {self.outer_momentum} must be in [0, 1)")
         if self.pseudo_grad_clip is not None and not self.pseudo_grad_clip > 0:
             raise ConfigError(f"{flag('pseudo_grad_clip')} {self.pseudo_grad_clip} must be > 0")
-        if self.anomaly_threshold < 0:
+        if not self.anomaly_threshold >= 0:  # also rejects NaN
             raise ConfigError(f"{flag('anomaly_threshold')} {self.anomaly_threshold} must be >= 0 (0 disables)")
         if not 0 < self.ewma_alpha <= 1:
             raise ConfigError(f"{flag('ewma_alpha')} {self.ewma_alpha} must be in (0, 1]")

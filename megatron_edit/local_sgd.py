@@ -32,6 +32,7 @@ from megatron_edit.outer_state import (
     OuterShard,
     collect_outer_shards,
     init_outer_state,
+    layer_key_name,
     num_layer_keys,
     param_layer_keys,
 )
@@ -268,9 +269,9 @@ class LocalSGD:
         if self.penalty_cfg is not None:
             weights, skip, anomalous, self.stats = penalty_weights(norms, self.stats, self.penalty_cfg)
             for w in range(W):
-                bad = int(anomalous[w].sum())
-                if bad:
-                    anomalous_names.append(f"w{w}({bad} layers)")
+                layers = anomalous[w].nonzero().flatten().tolist()
+                if layers:
+                    anomalous_names.append(f"w{w}[{' '.join(layer_key_name(k, self.num_layers) for k in layers)}]")
         else:
             weights = torch.full((W, self.L), 1.0 / W)
             skip = torch.zeros(self.L, dtype=torch.bool)

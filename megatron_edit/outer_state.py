@@ -33,6 +33,16 @@ def layer_key(global_name: str, num_layers: int) -> int:
     return num_layers + 2
 
 
+def layer_key_name(key: int, num_layers: int) -> str:
+    if key == 0:
+        return "embedding"
+    if key == 1:
+        return "position-embedding"
+    if key == num_layers + 2:
+        return "output"
+    return f"layer{key - 2}"
+
+
 @dataclass
 class OuterShard:
     model_param: torch.nn.Parameter

@@ -97,6 +97,11 @@ class PenaltyStats:
         count: int64 [L], number of syncs whose norms entered this layer's statistics (syncs where every
             worker was anomalous do not count). The warmup compares this with ``ewma_warmup``. It counts
             syncs, not worker observations: with W workers one sync adds W observations but 1 to count.
+        var_weight: fp32 [L], total weight the EWMA variance has accumulated so far (0 after the first
+            observation, -> 1 - alpha). The z-test divides by it (bias correction, as Adam does for its
+            moments): an EWMA variance that starts at 0 with alpha = 0.02 would otherwise be ~50x too
+            small for the first syncs, flag ordinary norm fluctuations and freeze layers (all workers
+            anomalous -> the layer skips its outer step, again and again).
 
     All ranks hold identical copies (they see identical norms), so a checkpoint saves one replica.
     """
@@ -104,17 +109,18 @@ class PenaltyStats:
     mean: Tensor
     var: Tensor
     count: Tensor
+    var_weight: Tensor
 
     @property
     def num_layers(self) -> int:
         return self.mean.shape[0]
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"mean": self.mean, "var": self.var, "count": self.count}
+        return {"mean": self.mean, "var": self.var, "count": self.count, "var_weight": self.var_weight}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Copy a :meth:`state_dict` into these tensors (keeps device and dtype)."""
-        for name in ("mean", "var", "count"):
+        for name in ("mean", "var", "count", "var_weight"):
             target = getattr(self, name)
             source = state[name]
             if tuple(source.shape) != tuple(target.shape):
@@ -131,6 +137,7 @@ def init_stats(num_layers: int, device: torch.device | str | None = None) -> Pen
         mean=torch.zeros(num_layers, dtype=torch.float32, device=device),
         var=torch.zeros(num_layers, dtype=torch.float32, device=device),
         count=torch.zeros(num_layers, dtype=torch.int64, device=device),
+        var_weight=torch.zeros(num_layers, dtype=torch.float32, device=device),
     )
 
 
@@ -160,7 +167,8 @@ def penalty_weights(
 
     Anomaly rule: ``G`` NaN/Inf is anomalous always. Once ``stats.count[l] >= cfg.ewma_warmup`` and
     ``cfg.anomaly_threshold > 0``, worker w is anomalous if ``G - mean > threshold * std`` with
-    ``std = max(sqrt(var), STD_RELATIVE_FLOOR * |mean|, tiny)``: a one-sided z-test against the
+    ``std = max(sqrt(var_debiased), STD_RELATIVE_FLOOR * |mean|, tiny)`` (see PenaltyStats.var_weight):
+    a one-sided z-test against the
     statistics of past syncs (this sync's norms do not affect its own test).
 
     Temperature (scale-aware): ``weights = softmax(-G / T)`` with ``T = cfg.temperature * mean(G)``, the
@@ -188,7 +196,10 @@ def penalty_weights(
     anomalous = ~torch.isfinite(norms)
     if cfg.anomaly_threshold > 0.0:
         tiny = torch.finfo(torch.float32).tiny
-        std = torch.maximum(stats.var.clamp_min(0.0).sqrt(), STD_RELATIVE_FLOOR * stats.mean.abs()).clamp_min(tiny)
+        # Bias-corrected variance: var * (1 - alpha) / var_weight is the steady-state EWMA variance.
+        debiased = torch.where(stats.var_weight > 0.0,
+                               stats.var * (1.0 - cfg.ewma_alpha) / stats.var_weight.clamp_min(tiny), stats.var)
+        std = torch.maximum(debiased.clamp_min(0.0).sqrt(), STD_RELATIVE_FLOOR * stats.mean.abs()).clamp_min(tiny)
         past_warmup = stats.count >= cfg.ewma_warmup  # [L]
         # NaN compares False, Inf is already anomalous; the comparison avoids dividing by std.
         outlier = (norms - stats.mean) > cfg.anomaly_threshold * std  # [W, L]
@@ -226,6 +237,7 @@ def _update_stats(norms: Tensor, ok: Tensor, stats: PenaltyStats, alpha: float) 
     """EWMA update with the non-anomalous norms, in worker order (see :func:`penalty_weights`)."""
     mean = stats.mean.clone()
     var = stats.var.clone()
+    var_weight = stats.var_weight.clone()
     seen = stats.count > 0
     for w in range(norms.shape[0]):
         observed = ok[w]
@@ -235,9 +247,11 @@ def _update_stats(norms: Tensor, ok: Tensor, stats: PenaltyStats, alpha: float) 
         incr = alpha * diff
         mean = torch.where(first, norms[w], torch.where(later, mean + incr, mean))
         var = torch.where(first, torch.zeros_like(var), torch.where(later, (1.0 - alpha) * (var + diff * incr), var))
+        # Each later observation adds alpha * (1 - alpha) of weight to var and decays the old by (1 - alpha).
+        var_weight = torch.where(later, (1.0 - alpha) * var_weight + alpha * (1.0 - alpha), var_weight)
         seen = seen | observed
     count = stats.count + ok.any(dim=0).to(stats.count.dtype)
-    return PenaltyStats(mean=mean, var=var, count=count)
+    return PenaltyStats(mean=mean, var=var, count=count, var_weight=var_weight)
 
 
 def clip_coefficient(norm: Tensor, clip: float | None) -> Tensor:

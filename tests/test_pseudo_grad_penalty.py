@@ -27,9 +27,12 @@ INF = float("inf")
 def reference_penalized_average(deltas, stats, cfg, step_weights=None):
     """deltas: worker -> layer -> tensor. Returns (combined per layer, weights[w][l], skip[l], stats dict)."""
     num_workers, num_layers = len(deltas), len(deltas[0])
+    alpha = cfg.ewma_alpha
     mean = [float(x) for x in stats.mean.tolist()]
     var = [float(x) for x in stats.var.tolist()]
     count = [int(x) for x in stats.count.tolist()]
+    # total weight of the variance's EWMA: every later observation adds alpha * (1 - alpha), the old decays
+    var_weight = [float(x) for x in stats.var_weight.tolist()]
     combined, weights_out, skip_out = [], [[0.0] * num_layers for _ in range(num_workers)], []
     for layer in range(num_layers):
         norms = []
@@ -45,7 +48,12 @@ def reference_penalized_average(deltas, stats, cfg, step_weights=None):
             if math.isnan(g) or math.isinf(g):
                 continue
             if cfg.anomaly_threshold > 0 and count[layer] >= cfg.ewma_warmup:
-                std = max(math.sqrt(var[layer]), STD_RELATIVE_FLOOR * abs(mean[layer]))
+                # bias correction: rescale the variance to the steady-state weight (1 - alpha)
+                if var_weight[layer] > 0.0:
+                    corrected = var[layer] * (1.0 - alpha) / var_weight[layer]
+                else:
+                    corrected = var[layer]
+                std = max(math.sqrt(corrected), STD_RELATIVE_FLOOR * abs(mean[layer]))
                 if std == 0.0:
                     if g > mean[layer]:
                         continue
@@ -85,11 +93,12 @@ def reference_penalized_average(deltas, stats, cfg, step_weights=None):
                 mean[layer], var[layer] = g, 0.0
             else:
                 diff = g - mean[layer]
-                incr = cfg.ewma_alpha * diff
+                incr = alpha * diff
                 mean[layer] += incr
-                var[layer] = (1 - cfg.ewma_alpha) * (var[layer] + diff * incr)
+                var[layer] = (1 - alpha) * (var[layer] + diff * incr)
+                var_weight[layer] = (1 - alpha) * var_weight[layer] + alpha * (1 - alpha)
         count[layer] += 1
-    return combined, weights_out, skip_out, {"mean": mean, "var": var, "count": count}
+    return combined, weights_out, skip_out, {"mean": mean, "var": var, "count": count, "var_weight": var_weight}
 
 
 def torch_penalized_average(deltas, stats, cfg, step_weights=None):
@@ -113,11 +122,16 @@ def torch_penalized_average(deltas, stats, cfg, step_weights=None):
 # Hand-checked cases.
 
 
-def _stats(mean, var, count):
+def _stats(mean, var, count, var_weight=None):
+    """Statistics by hand. var_weight defaults to its steady state 1 - alpha (alpha = 0.02, the default of
+    PenaltyConfig), where the bias correction is the identity: std = sqrt(var) exactly as written."""
+    if var_weight is None:
+        var_weight = [1.0 - 0.02] * len(mean)
     return PenaltyStats(
         mean=torch.tensor(mean, dtype=torch.float32),
         var=torch.tensor(var, dtype=torch.float32),
         count=torch.tensor(count, dtype=torch.int64),
+        var_weight=torch.tensor(var_weight, dtype=torch.float32),
     )
 
 
@@ -142,6 +156,20 @@ def test_z_threshold_boundary():
     # one-sided: a norm far below the mean is never anomalous
     _, _, anomalous, _ = penalty_weights(torch.tensor([[0.01, 0.0]]), stats, cfg)
     assert anomalous.tolist() == [[False, False]]
+
+
+def test_z_test_uses_bias_corrected_variance():
+    cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=3.0, ewma_warmup=1)  # alpha 0.02
+    # layer 0: one later observation so far, weight alpha (1 - alpha) = 0.0196: corrected
+    #   var = 0.01 * 0.98 / 0.0196 = 0.5, std = 0.70711, anomalous above 1 + 2.1213 = 3.1213.
+    # layer 1: the same var with weight 0 (no later observation): used as is, std 0.1, limit 1.3.
+    # layer 2: steady state (weight 1 - alpha): the correction is the identity, limit 1.3.
+    stats = _stats([1.0, 1.0, 1.0], [0.01, 0.01, 0.01], [3, 3, 3], var_weight=[0.0196, 0.0, 0.98])
+    norms = torch.tensor([[1.31, 1.29, 1.29], [3.10, 1.31, 1.31], [3.15, 1.0, 1.0]])
+    _, skip, anomalous, _ = penalty_weights(norms, stats, cfg)
+    assert anomalous.tolist() == [[False, False, False], [False, True, True], [True, False, False]]
+    # 1.31 is z = 3.1 against the uncorrected std 0.1: the correction is what accepts it on layer 0
+    assert skip.tolist() == [False, False, False]
 
 
 def test_anomaly_detection_waits_for_warmup_but_nan_does_not():
@@ -231,6 +259,9 @@ def test_all_anomalous_layer_skips_and_keeps_stats(weighting):
     assert not torch.isnan(weights).any()
     assert new_stats.mean[0].item() == 1.0 and new_stats.var[0].item() == pytest.approx(0.01)
     assert new_stats.count.tolist() == [4, 5]
+    # the skipped layer's variance weight is untouched; the other layer saw two observations (steady state)
+    assert new_stats.var_weight[0].item() == stats.var_weight[0].item()
+    assert new_stats.var_weight[1].item() == pytest.approx(0.98, rel=1e-6)
 
 
 def test_ewma_update_by_hand():
@@ -238,21 +269,27 @@ def test_ewma_update_by_hand():
     stats = init_stats(1)
     # sync 1, first observation ever sets mean = 2, var = 0; then G = 4: diff 2, incr 1 -> mean 3,
     # var = 0.5 * (0 + 2 * 1) = 1. The NaN worker contributes nothing.
+    assert stats.var_weight.tolist() == [0.0] and stats.var_weight.dtype == torch.float32
     _, _, _, stats = penalty_weights(torch.tensor([[2.0], [NAN], [4.0]]), stats, cfg)
     assert stats.mean.tolist() == [3.0] and stats.var.tolist() == [1.0] and stats.count.tolist() == [1]
-    # sync 2, G = 1: diff -2, incr -1 -> mean 2, var = 0.5 * (1 + 2) = 1.5
+    # the first observation adds no variance weight, G = 4 adds alpha (1 - alpha) = 0.25
+    assert stats.var_weight.tolist() == [0.25]
+    # sync 2, G = 1: diff -2, incr -1 -> mean 2, var = 0.5 * (1 + 2) = 1.5; weight 0.5 * 0.25 + 0.25
     _, _, _, stats = penalty_weights(torch.tensor([[1.0], [INF], [NAN]]), stats, cfg)
     assert stats.mean.tolist() == [2.0] and stats.var.tolist() == [1.5] and stats.count.tolist() == [2]
+    assert stats.var_weight.tolist() == [0.375]
 
 
 def test_anomalous_norm_never_enters_statistics():
     cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=3.0, ewma_warmup=1)
-    stats = _stats([1.0], [0.01], [3])
+    stats = _stats([1.0], [0.01], [3], var_weight=[0.5])  # corrected var 0.0196, std 0.14
     _, _, anomalous, new_stats = penalty_weights(torch.tensor([[1.0], [1e6]]), stats, cfg)
     assert anomalous[:, 0].tolist() == [False, True]
     # only G = 1.0 (= mean) observed: mean unchanged, var shrinks by (1 - alpha)
     assert new_stats.mean.tolist() == [1.0]
     assert new_stats.var[0].item() == pytest.approx(0.98 * 0.01, rel=1e-6)
+    # one observation's weight (0.98 * 0.5 + 0.0196 = 0.5096), not two (0.51941)
+    assert new_stats.var_weight[0].item() == pytest.approx(0.5096, rel=1e-6)
     assert torch.equal(stats.mean, torch.tensor([1.0]))  # input not mutated
 
 
@@ -300,13 +337,27 @@ def test_config_validation_names_the_field():
 
 
 def test_stats_state_dict_roundtrip():
-    stats = _stats([1.0, 2.0], [0.5, 0.25], [3, 7])
+    stats = _stats([1.0, 2.0], [0.5, 0.25], [3, 7], var_weight=[0.125, 0.75])
+    assert set(stats.state_dict()) == {"mean", "var", "count", "var_weight"}
     restored = init_stats(2)
+    assert restored.var_weight.tolist() == [0.0, 0.0] and restored.var_weight.dtype == torch.float32
     restored.load_state_dict({k: v.clone() for k, v in stats.state_dict().items()})
     assert restored.mean.tolist() == [1.0, 2.0] and restored.var.tolist() == [0.5, 0.25]
     assert restored.count.tolist() == [3, 7] and restored.count.dtype == torch.int64
+    assert restored.var_weight.tolist() == [0.125, 0.75] and restored.var_weight.dtype == torch.float32
+    # the restored statistics decide exactly like the originals (var_weight matters to the z-test)
+    cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=3.0, ewma_warmup=1)
+    norms = torch.tensor([[1.0, 2.0], [3.5, 3.2], [4.5, 4.0]])
+    for a, b in zip(penalty_weights(norms, stats, cfg)[:3], penalty_weights(norms, restored, cfg)[:3]):
+        assert torch.equal(a, b)
+    # layer 0: corrected std sqrt(0.5 * 0.98 / 0.125) = 1.98 accepts 3.5 and 4.5 (sqrt(0.5) would not)
+    assert penalty_weights(norms, restored, cfg)[2].tolist() == [[False, False], [False, False], [False, True]]
     with pytest.raises(ValueError, match="shape"):
         init_stats(3).load_state_dict(stats.state_dict())
+    bad = {k: v.clone() for k, v in stats.state_dict().items()}
+    bad["var_weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="var_weight"):
+        init_stats(2).load_state_dict(bad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,7 +375,8 @@ def test_matches_reference_over_syncs(weighting, use_steps, clip):
     num_workers, sizes = 4, [5, 7, 3]
     stats = init_stats(len(sizes))
     ref_stats = init_stats(len(sizes))
-    saw = {"anomalous": 0, "skip": 0, "clipped": 0}
+    saw = {"anomalous": 0, "skip": 0, "clipped": 0, "correction_accepted": 0}
+    later_observations = [0] * len(sizes)
     for sync in range(8):
         deltas = [[torch.randn(n, generator=gen) * 0.3 for n in sizes] for _ in range(num_workers)]
         if sync >= 3:
@@ -335,7 +387,16 @@ def test_matches_reference_over_syncs(weighting, use_steps, clip):
             for w in range(num_workers):  # every worker spikes on layer 2: the layer skips
                 deltas[w][2] = deltas[w][2] * 100.0
         steps = torch.tensor([3.0, 1.0, 2.0, 5.0]) if use_steps else None
+        before = stats
         combined, weights, skip, anomalous, stats = torch_penalized_average(deltas, stats, cfg, steps)
+        # decisions the uncorrected std sqrt(var) would have flagged but the corrected one accepted
+        for layer in range(len(sizes)):
+            m, v = before.mean[layer].item(), before.var[layer].item()
+            if before.count[layer].item() >= cfg.ewma_warmup:
+                for w in range(num_workers):
+                    g = torch.linalg.vector_norm(deltas[w][layer]).item()
+                    if g - m > cfg.anomaly_threshold * max(math.sqrt(v), 1e-30) and not anomalous[w, layer]:
+                        saw["correction_accepted"] += 1
         ref_combined, ref_weights, ref_skip, ref_stats_dict = reference_penalized_average(
             deltas, ref_stats, cfg, steps.tolist() if steps is not None else None
         )
@@ -346,12 +407,108 @@ def test_matches_reference_over_syncs(weighting, use_steps, clip):
         torch.testing.assert_close(stats.mean.double(), torch.tensor(ref_stats_dict["mean"], dtype=torch.float64), rtol=1e-5, atol=0)
         torch.testing.assert_close(stats.var.double(), torch.tensor(ref_stats_dict["var"], dtype=torch.float64), rtol=1e-4, atol=1e-9)
         assert stats.count.tolist() == ref_stats_dict["count"]
-        ref_stats = _stats(ref_stats_dict["mean"], ref_stats_dict["var"], ref_stats_dict["count"])
+        torch.testing.assert_close(
+            stats.var_weight.double(), torch.tensor(ref_stats_dict["var_weight"], dtype=torch.float64), rtol=1e-5, atol=0
+        )
+        # closed form: after n observations that were not a layer's first, the weight is (1-a) (1 - (1-a)^n)
+        for layer in range(len(sizes)):
+            later_observations[layer] += int((~anomalous[:, layer]).sum()) - (1 if sync == 0 else 0)
+            expected = (1 - cfg.ewma_alpha) * (1 - (1 - cfg.ewma_alpha) ** later_observations[layer])
+            assert stats.var_weight[layer].item() == pytest.approx(expected, rel=1e-5)
+            assert 0.0 < stats.var_weight[layer].item() < 1 - cfg.ewma_alpha
+        ref_stats = _stats(
+            ref_stats_dict["mean"], ref_stats_dict["var"], ref_stats_dict["count"], ref_stats_dict["var_weight"]
+        )
         saw["anomalous"] += int(anomalous.sum())
         saw["skip"] += int(skip.sum())
         if clip is not None:
             saw["clipped"] += sum(int(torch.linalg.vector_norm(c) > clip - 1e-4) for c in combined)
     # the scenario really exercised the branches
     assert saw["anomalous"] >= 5 + 1 + 4 and saw["skip"] == 1
+    assert saw["correction_accepted"] >= 1  # the reference's bias correction decided something
     if clip is not None:
         assert saw["clipped"] > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The bias correction in whole runs (default alpha 0.02).
+
+
+def _old_std(stats, layer):
+    """The z-test's std before the bias correction: sqrt of the raw EWMA variance, with the same floor."""
+    return max(math.sqrt(stats.var[layer].item()), STD_RELATIVE_FLOOR * abs(stats.mean[layer].item()))
+
+
+def _corrected_std(stats, layer, alpha):
+    var, weight = stats.var[layer].item(), stats.var_weight[layer].item()
+    corrected = var * (1.0 - alpha) / weight if weight > 0.0 else var
+    return max(math.sqrt(corrected), STD_RELATIVE_FLOOR * abs(stats.mean[layer].item()))
+
+
+@pytest.mark.parametrize(
+    "factor, uncorrected_flags",
+    [
+        (1.05, True),  # norms growing 5% per sync: the mean lags, sqrt(var) is far too small early on
+        (1.00, True),  # constant norms: even the spread 1.00..1.03 alone exceeds 3 * sqrt(var) at sync 3
+        (0.95, False),  # decaying 5% per sync: every norm is below the lagging mean, one-sided test flags none
+    ],
+)
+def test_drifting_norms_are_not_flagged(factor, uncorrected_flags):
+    cfg = PenaltyConfig(anomaly_threshold=3.0, ewma_warmup=3)  # alpha 0.02, as in the failing run
+    alpha = cfg.ewma_alpha
+    stats = init_stats(1)
+    old_flagged = []  # (sync, worker) the uncorrected z-test would have flagged
+    max_corrected_z = -math.inf
+    for sync in range(10):
+        norms = torch.tensor([[1.00], [1.01], [1.02], [1.03]]) * factor**sync
+        weights, skip, anomalous, new_stats = penalty_weights(norms, stats, cfg)
+        assert not anomalous.any(), f"sync {sync}: {anomalous[:, 0].tolist()}"
+        assert skip.tolist() == [False]
+        assert weights[:, 0].sum().item() == pytest.approx(1.0, rel=1e-6) and (weights > 0).all()
+        if stats.count[0].item() >= cfg.ewma_warmup:
+            mean = stats.mean[0].item()
+            for w, g in enumerate(norms[:, 0].tolist()):
+                if g - mean > cfg.anomaly_threshold * _old_std(stats, 0):
+                    old_flagged.append((sync, w))
+                max_corrected_z = max(max_corrected_z, (g - mean) / _corrected_std(stats, 0, alpha))
+        stats = new_stats
+    assert stats.count.tolist() == [10]
+    # every one of the 40 norms was observed: 39 later observations, weight (1-a)(1 - (1-a)^39)
+    assert stats.var_weight[0].item() == pytest.approx((1 - alpha) * (1 - (1 - alpha) ** 39), rel=1e-5)
+    assert max_corrected_z < cfg.anomaly_threshold  # the hand-corrected std agrees with the code
+    if uncorrected_flags:
+        # without the correction the same run would have dropped workers (in the real run: all of them)
+        assert old_flagged, "the uncorrected z-test would not have flagged anything: the test proves nothing"
+        assert any(sync == cfg.ewma_warmup for sync, _ in old_flagged)  # already at the first tested sync
+    else:
+        assert not old_flagged
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "norm"])
+def test_tenfold_outlier_after_warmup_is_flagged(weighting):
+    cfg = PenaltyConfig(anomaly_threshold=3.0, ewma_warmup=3, weighting=weighting)
+    gen = torch.Generator().manual_seed(0)
+    stats, clean_stats = init_stats(2), init_stats(2)
+    for sync in range(10):
+        base = 1.0 + 0.03 * torch.rand(4, 2, generator=gen)  # layer 0 and 1 ordinary fluctuations
+        norms = base.clone()
+        if sync >= cfg.ewma_warmup:
+            norms[2, 0] = 10.0 * base[2, 0]  # worker 2 on layer 0, from the first tested sync on
+        weights, skip, anomalous, stats = penalty_weights(norms, stats, cfg)
+        # the same sync without worker 2's layer 0 norm (marked NaN, hence anomalous): reference statistics
+        clean = base.clone()
+        if sync >= cfg.ewma_warmup:
+            clean[2, 0] = NAN
+        clean_weights, _, clean_anomalous, clean_stats = penalty_weights(clean, clean_stats, cfg)
+        if sync < cfg.ewma_warmup:
+            assert not anomalous.any()
+            continue
+        assert anomalous.tolist() == [[False, False], [False, False], [True, False], [False, False]], sync
+        assert weights[2, 0].item() == 0.0
+        assert (weights[[0, 1, 3], 0] > 0).all() and skip.tolist() == [False, False]
+        assert weights[:, 0].sum().item() == pytest.approx(1.0, rel=1e-6)
+        # the outlier is dropped exactly as a NaN worker is, and never enters the statistics
+        assert torch.equal(anomalous, clean_anomalous) and torch.equal(weights, clean_weights)
+        for name in ("mean", "var", "count", "var_weight"):
+            assert torch.equal(getattr(stats, name), getattr(clean_stats, name)), name
+        assert stats.mean[0].item() < 1.03

@@ -1,0 +1,134 @@
+"""Local SGD inside megatron-core: equivalences that the algebra guarantees, and worker isolation.
+
+Each test runs the real entry (GPTModel, DDP over the worker, megatron-core optimizer and schedules) on
+gloo ranks.
+"""
+import pytest
+import torch
+
+from mp_harness import TINY_MODEL, losses, run_training
+
+DIST_OPT = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+            "--ddp-bucket-size", "3000"]
+
+
+def _assert_params_close(a: dict, b: dict, rtol: float, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def test_diloco_sgd_interval_1_equals_synchronous_training():
+    """Inner SGD, H=1, outer lr 1, momentum 0: anchor - mean_w(lr g_w) is exactly a data-parallel SGD
+    step over the union of the workers' batches (4 ranks = 2 workers x 2 ranks)."""
+    base = TINY_MODEL + ["--global-batch-size", "16", "--train-iters", "6", "--lr", "0.5",
+                         "--optimizer", "sgd", "--sgd-momentum", "0", "--clip-grad", "0", "--weight-decay", "0"]
+    sync = run_training(base, 4)
+    local = run_training(base + ["--local-sgd", "diloco", "--local-sgd-workers", "2", "--local-sgd-sync-interval",
+                                 "1", "--outer-lr", "1", "--outer-momentum", "0"], 4)
+    assert losses(local) == pytest.approx(losses(sync), rel=1e-5)
+    assert losses(sync)[-1] < losses(sync)[0] - 0.3
+    for r_sync, r_local in zip(sync, local):
+        _assert_params_close(r_sync["params"], r_local["params"], rtol=1e-5, atol=1e-6)
+
+
+def test_local_sgd_without_sync_is_not_data_parallel():
+    """Control for the test above: with H=3 the workers drift apart between syncs, so the curve must
+    differ from synchronous training (the equivalence is not an accident of the harness)."""
+    base = TINY_MODEL + ["--global-batch-size", "16", "--train-iters", "6", "--lr", "0.5",
+                         "--optimizer", "sgd", "--sgd-momentum", "0", "--clip-grad", "0", "--weight-decay", "0"]
+    sync = losses(run_training(base, 4))
+    local = losses(run_training(base + ["--local-sgd", "diloco", "--local-sgd-workers", "2",
+                                        "--local-sgd-sync-interval", "3", "--outer-lr", "1",
+                                        "--outer-momentum", "0"], 4))
+    assert local[0] == pytest.approx(sync[0], rel=1e-6)
+    assert abs(local[4] - sync[4]) > 1e-4
+
+
+EDIT = TINY_MODEL + ["--global-batch-size", "16", "--train-iters", "8", "--lr", "3e-3",
+                     "--local-sgd", "edit", "--local-sgd-workers", "2", "--local-sgd-sync-interval", "3",
+                     "--local-sgd-warmup-iters", "2", "--pseudo-grad-ewma-warmup", "1"] + DIST_OPT
+
+
+@pytest.fixture(scope="module")
+def edit_all_at_once():
+    return run_training(EDIT + ["--no-local-sgd-layerwise"], 4)
+
+
+def test_edit_layerwise_equals_all_at_once(edit_all_at_once):
+    """EDiT's in-forward, per-bucket sync is a re-timing of the same computation: with W=2 (sums of two
+    terms are order-free) loss curves and final params are identical."""
+    layerwise = run_training(EDIT, 4)
+    assert losses(layerwise) == losses(edit_all_at_once)
+    for a, b in zip(layerwise, edit_all_at_once):
+        _assert_params_close(a["params"], b["params"], rtol=0, atol=0)
+
+
+def test_workers_agree_after_sync_and_differ_between(edit_all_at_once):
+    """Digests of each rank's fp32 main shard: equal across workers (same shard) at warmup and sync
+    iterations, different in between; at the end every rank of a TP/PP slice holds the same params."""
+    results = edit_all_at_once
+    by_slot = {}
+    for r in results:
+        by_slot.setdefault((r["tp"], r["pp"], r["intra"]), []).append(r)
+    warmup, interval = 2, 3
+    for slot, ranks in by_slot.items():
+        assert sorted(r["worker"] for r in ranks) == [0, 1]
+        a, b = ranks[0]["digests"], ranks[1]["digests"]
+        for i, (da, db) in enumerate(zip(a, b)):
+            iteration = i + 1
+            synced = iteration <= warmup or (iteration - warmup) % interval == 0
+            if synced:
+                assert da == pytest.approx(db, rel=1e-12), f"{slot} iteration {iteration}"
+            else:
+                assert da[1] != pytest.approx(db[1], rel=1e-9), f"{slot} iteration {iteration} identical"
+    # Iteration 8 is a sync: every rank of every worker ends with the same full params.
+    by_model_slot = {}
+    for r in results:
+        by_model_slot.setdefault((r["tp"], r["pp"]), []).append(r["params"])
+    for slot, param_sets in by_model_slot.items():
+        assert len(param_sets) == 4
+        for other in param_sets[1:]:
+            _assert_params_close(param_sets[0], other, rtol=0, atol=0)
+
+
+def test_ranks_inside_a_worker_agree_between_syncs():
+    """Stopped mid-interval (iteration 7): workers differ, the two ranks of each worker agree."""
+    results = run_training(EDIT[:EDIT.index("--train-iters") + 1] + ["7"] + EDIT[EDIT.index("--train-iters") + 2:]
+                           + ["--no-local-sgd-layerwise"], 4)
+    by_worker = {}
+    for r in results:
+        by_worker.setdefault(r["worker"], []).append(r["params"])
+    for worker, (a, b) in by_worker.items():
+        _assert_params_close(a, b, rtol=0, atol=0)
+    differs = [not torch.equal(by_worker[0][0][k], by_worker[1][0][k]) for k in by_worker[0][0]]
+    assert all(differs)
+
+
+def test_worker_curve_is_layout_invariant():
+    """The same local-SGD run (W=2, edit, layer-wise) under TP=2 x PP=2 and TP=PP=1."""
+    flat = losses(run_training(EDIT, 2))
+    sharded = losses(run_training(EDIT + ["--tensor-model-parallel-size", "2",
+                                          "--pipeline-model-parallel-size", "2"], 8))
+    assert sharded == pytest.approx(flat, rel=2e-5)
+
+
+CORRUPTION = TINY_MODEL + [
+    "--global-batch-size", "16", "--train-iters", "16", "--lr", "0.5", "--optimizer", "sgd", "--sgd-momentum", "0",
+    "--clip-grad", "0", "--weight-decay", "0", "--local-sgd-workers", "4", "--local-sgd-sync-interval", "2",
+    "--outer-lr", "0.8", "--outer-momentum", "0.5",
+]
+CORRUPT = ["--local-sgd-debug-corrupt-worker", "1:3:0.3"]  # worker 1: N(0, 9) gradient noise, 30% of steps
+EDIT_ALL_AT_ONCE = ["--local-sgd", "edit", "--no-local-sgd-layerwise", "--pseudo-grad-ewma-warmup", "1"]
+
+
+def test_penalty_protects_against_a_corrupted_worker():
+    """Worker 1 of 4 gets gradient-noise bursts (inner SGD, so a burst is a large parameter jump). DiLoCo
+    averages the jump in and is clearly hurt; EDiT flags the worker (z-score), down-weights it and clips,
+    and ends where the clean run ends."""
+    clean = losses(run_training(CORRUPTION + EDIT_ALL_AT_ONCE, 4))
+    edit = losses(run_training(CORRUPTION + EDIT_ALL_AT_ONCE + CORRUPT, 4))
+    diloco = losses(run_training(CORRUPTION + ["--local-sgd", "diloco"] + CORRUPT, 4))
+    assert clean[-1] < clean[0] - 0.5
+    assert abs(edit[-1] - clean[-1]) < 0.05, (edit[-1], clean[-1])
+    assert diloco[-1] > clean[-1] + 0.5, (diloco[-1], clean[-1])
