@@ -34,6 +34,7 @@ from megatron_edit.outer_state import (
     init_outer_state,
     layer_key_name,
     num_layer_keys,
+    outer_state_bytes,
     param_layer_keys,
 )
 from megatron_edit.pseudo_grad_penalty import (
@@ -371,6 +372,9 @@ class LocalSGD:
         for index, unit in enumerate(self.units):
             if unit.pending:
                 self._finish_unit(index)
+
+    def outer_state_bytes(self) -> int:
+        return outer_state_bytes(self.shards)
 
     def state_dict(self) -> dict:
         return {"stats": self.stats.state_dict(), "bytes_sent_total": self.bytes_sent_total}

@@ -345,7 +345,7 @@ def test_explicit_values_override_method_defaults():
 # The real entry script: exit code 2, exactly one stderr line, before any process group.
 
 def test_entry_script_bad_flags_exit_2_with_one_line():
-    env = dict(os.environ, WORLD_SIZE="4", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, WORLD_SIZE="4")
     env.pop("MASTER_ADDR", None)  # a process group could not be built anyway: the failure must come first
     argv = [sys.executable, str(ROOT / "examples" / "pretrain_gpt.py")] + LSGD + [
         "--local-sgd", "edit", "--local-sgd-workers", "3"]

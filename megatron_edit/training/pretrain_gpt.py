@@ -120,6 +120,8 @@ class Trainer:
         self.valid_dataset = valid
         self.iteration = 0
         self.consumed_samples = 0
+        self.validation_history: list[tuple[int, float]] = []
+        self.last_sync_report = None
         self.dp_group = ps.get_data_parallel_group(with_context_parallel=True)
 
         self.local_sgd = None
@@ -163,6 +165,7 @@ class Trainer:
         self.consumed_samples += self.args.global_batch_size
         self.scheduler.step(increment=self.args.global_batch_size)
         report = self.local_sgd.after_optimizer_step(self.iteration) if self.local_sgd is not None else None
+        self.last_sync_report = report
         loss = _mean_loss_over_data_parallel(loss_dicts, self.dp_group)
         return loss, grad_norm, ok, report
 
@@ -214,6 +217,7 @@ class Trainer:
         if loss is not None:
             from megatron.core import parallel_state as ps
 
+            self.validation_history.append((self.iteration, loss))
             if ps.is_pipeline_last_stage(ignore_virtual=True):
                 print_rank_last(validation_line(self.iteration, {"lm loss": loss}))
                 self.tensorboard.scalars({"lm loss validation": loss}, self.iteration)

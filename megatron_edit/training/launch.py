@@ -1,0 +1,98 @@
+"""Run the training entry on N local gloo ranks (torch.multiprocessing) and collect measurements.
+
+For tests and benchmarks on one machine: every rank records its loss history, validation losses,
+per-iteration wall time (and whether it synced), a digest of its fp32 main shards, peak resident memory
+and local-SGD byte counts; optionally its full (gathered) parameters by global name.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import tempfile
+import time
+from typing import Sequence
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main_shard_digest(trainer) -> tuple[float, float]:
+    """(sum, sum of squares) in float64 of this rank's fp32 main shards."""
+    from megatron_edit import mcore_adapter
+
+    total = torch.zeros(2, dtype=torch.float64)
+    for _, main, _ in mcore_adapter.main_param_pairs(trainer.optimizer):
+        m = main.detach().double()
+        total[0] += m.sum()
+        total[1] += m.pow(2).sum()
+    return float(total[0]), float(total[1])
+
+
+def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, keep_params: bool) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from megatron.core import parallel_state as ps
+
+    from megatron_edit import mcore_adapter
+    from megatron_edit.training.model import global_param_name, unwrap
+    from megatron_edit.training.pretrain_gpt import build_trainer, shutdown
+
+    trainer = build_trainer(argv)
+    digests, step_times = [], []
+    last = [time.perf_counter()]
+
+    def on_step(t) -> None:
+        now = time.perf_counter()
+        step_times.append((t.iteration, now - last[0], t.last_sync_report is not None))
+        digests.append(main_shard_digest(t))
+        last[0] = time.perf_counter()
+
+    start = time.perf_counter()
+    history = trainer.train(on_step=on_step)
+    wall = time.perf_counter() - start
+    params = {}
+    if keep_params:
+        for chunk in trainer.model:
+            inner = unwrap(chunk)
+            for name, p in inner.named_parameters():
+                params[global_param_name(inner, name)] = p.detach().float().clone()
+    topo = trainer.topology
+    local_sgd = trainer.local_sgd
+    result = dict(
+        losses=history, validation=trainer.validation_history, digests=digests, step_times=step_times,
+        wall_time=wall, params=params, worker=topo.worker_index, tp=ps.get_tensor_model_parallel_rank(),
+        pp=ps.get_pipeline_model_parallel_rank(), intra=topo.intra_dp_group.rank(),
+        last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
+        consumed_samples=trainer.consumed_samples,
+        sync_bytes=local_sgd.bytes_sent_total if local_sgd else 0,
+        outer_state_bytes=local_sgd.outer_state_bytes() if local_sgd else 0,
+        main_shard_bytes=sum(m.numel() * 4 for _, m, _ in mcore_adapter.main_param_pairs(trainer.optimizer)),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    shutdown()
+
+
+def spawn_training(argv: Sequence[str], world_size: int, keep_params: bool = True) -> list[dict]:
+    """Train on `world_size` local gloo ranks; returns each rank's result dict (index = global rank)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_rank_main, args=(world_size, _free_port(), list(argv), out_dir, keep_params),
+                           nprocs=world_size, join=True, start_method="spawn")
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def loss_curve(results: list[dict]) -> list[float]:
+    """The loss history the run printed (identical on every last-stage rank)."""
+    return next(r["losses"] for r in results if r["last_stage"])
+
+
+def validation_curve(results: list[dict]) -> list[tuple[int, float]]:
+    return next(r["validation"] for r in results if r["last_stage"])
