@@ -164,8 +164,10 @@ class _CpuCompat:
         self._saved: list[tuple[Any, str, Any]] = []
         self._mode = _CudaToCpuMode()
 
+    _MISSING = object()
+
     def _patch(self, owner: Any, name: str, value: Any) -> None:
-        self._saved.append((owner, name, getattr(owner, name, None)))
+        self._saved.append((owner, name, getattr(owner, name, self._MISSING)))
         setattr(owner, name, value)
 
     def apply(self) -> None:
@@ -204,7 +206,10 @@ class _CpuCompat:
         self._mode.__exit__(None, None, None)
         self._rng_logger.removeFilter(self._rng_filter)
         for owner, name, value in reversed(self._saved):
-            setattr(owner, name, value)
+            if value is self._MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
         self._saved.clear()
 
 

@@ -19,21 +19,24 @@ def megatron_core_version() -> str:
     return package_info.__version__
 
 
-def _version_tuple(text: str) -> tuple[int, int, int]:
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    while len(parts) < 3:
-        parts.append(0)
-    return tuple(parts)  # type: ignore[return-value]
+def _version_tuple(text: str) -> tuple[int, int, int, int]:
+    """(major, minor, patch, is_final): leading digits of each part; a pre-release tail ("rc1", "a0",
+    ".dev") sorts before the release, so "0.16.1rc1" < "0.16.1" and "0.16.0rc1" is not accepted as 0.16.1."""
+    import re
+
+    match = re.match(r"^(\d+)(?:\.(\d+))?(?:\.(\d+))?(.*)$", text.strip())
+    if not match:
+        return (0, 0, 0, 0)
+    major, minor, patch, tail = match.groups()
+    final = 0 if re.match(r"^\.?(rc|a|b|dev|alpha|beta|pre)", tail or "") else 1
+    return (int(major), int(minor or 0), int(patch or 0), final)
 
 
 def check_megatron_core_version(version: str | None = None) -> None:
     """Refuse a megatron-core this adapter was not checked against, with one clear line."""
     version = version or megatron_core_version()
     low, high = SUPPORTED_MCORE
-    if not (low <= _version_tuple(version) < high):
+    if not ((*low, 1) <= _version_tuple(version) < (*high, 0)):
         raise RuntimeError(
             f"megatron_edit supports megatron-core {SUPPORTED_MCORE_TEXT}; found {version}. "
             f"Install a supported version: pip install 'megatron-core{SUPPORTED_MCORE_TEXT}'"
