@@ -14,6 +14,12 @@ Readable top to bottom:
   ``start_param_sync`` (the moment its parameter all-gather is dispatched inside the worker) first applies
   that bucket's outer update, and launches the next bucket's cross-worker collective (prefetch).
 
+  Streaming DiLoCo: units are fragments of layers; fragment p launches its collective at its own
+  staggered iterations, training goes on for tau steps, then the outer step runs and the fragment's
+  params are merged: theta = alpha * theta + (1 - alpha) * anchor'.
+  Every method sends pseudo-gradients through quantized_collectives (fp32: a plain all-reduce; other
+  formats: quantized on the wire, always summed in fp32).
+
 The math lives in outer_optimizer.py and pseudo_grad_penalty.py; this file moves bytes.
 """
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_edit import mcore_adapter
+from megatron_edit.async_trigger import AsyncSyncController
 from megatron_edit.config import LocalSGDConfig
 from megatron_edit.outer_optimizer import needs_outer_momentum, outer_step
 from megatron_edit.outer_state import (
@@ -44,7 +51,20 @@ from megatron_edit.pseudo_grad_penalty import (
     penalty_weights,
     weighted_sum_contribution,
 )
-from megatron_edit.sync_schedule import is_anchor_iteration, is_sync_iteration, is_warmup
+from megatron_edit.quantized_collectives import launch_quantized_all_reduce_mean, predicted_bytes_sent
+from megatron_edit.sync_schedule import (
+    assign_layers_to_fragments,
+    default_num_fragments,
+    fragment_of_embedding,
+    fragment_of_output,
+    fragments_merging_at,
+    fragments_syncing_at,
+    is_anchor_iteration,
+    is_sync_iteration,
+    is_warmup,
+    validate_streaming_schedule,
+)
+from megatron_edit.wire_codecs import ErrorFeedback
 from megatron_edit.topology import WorkerTopology, all_reduce_mean_
 
 
@@ -59,12 +79,13 @@ class SyncReport:
     wire_format: str
     sync_ms: float
     fragment: str = "all"
+    inner_steps: Optional[list[int]] = None  # a-edit: per worker, since the previous sync
 
     def as_log_fields(self) -> dict:
         return dict(iteration=self.iteration, workers=self.workers, fragment=self.fragment,
                     pseudo_grad_norm=self.pseudo_grad_norm, anomalous=self.anomalous,
                     bytes_sent=self.bytes_sent, bytes_sent_total=self.bytes_sent_total,
-                    wire_format=self.wire_format, sync_ms=self.sync_ms)
+                    wire_format=self.wire_format, sync_ms=self.sync_ms, inner_steps=self.inner_steps)
 
     def scalars(self) -> dict:
         return {"local-sgd/pseudo-grad-norm": self.pseudo_grad_norm,
@@ -83,19 +104,20 @@ class _Unit:
     combined: Optional[torch.Tensor] = None  # flat weighted sum of the workers' deltas
     handle: object = None
     launched: bool = False
+    advanced: bool = False
     pending: bool = False
+    name: str = "all"
+    bucket_group: object = None
+    error_feedback: Optional[ErrorFeedback] = None
 
-
-def ring_all_reduce_bytes(numel: int, element_size: int, group_size: int) -> int:
-    """Bytes one rank sends in a ring all-reduce: 2 (n-1)/n of the buffer."""
-    if group_size <= 1:
-        return 0
-    return 2 * (group_size - 1) * numel * element_size // group_size
+    @property
+    def numel(self) -> int:
+        return sum(s.main.numel() for s in self.shards)
 
 
 class LocalSGD:
     def __init__(self, cfg: LocalSGDConfig, topology: WorkerTopology, model_chunks, optimizer, model_config,
-                 seed: int = 1234):
+                 seed: int = 1234, global_batch_size: int = 1, budget_samples: int = 0):
         from megatron.core import parallel_state as ps
 
         self.cfg = cfg
@@ -111,6 +133,9 @@ class LocalSGD:
             model_chunks, optimizer, self.num_layers, ps.get_tensor_model_parallel_rank(),
             topology.intra_dp_group.rank(), self.distributed_optimizer,
         )
+        # Collective buffers live where the params live (NCCL needs device tensors; gloo takes CPU ones).
+        self.device = self.shards[0].main.device if self.shards else torch.device(
+            "cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.with_momentum = needs_outer_momentum(cfg.outer_optimizer, cfg.outer_momentum)
         self.penalty_cfg = None
         if cfg.has_penalty:
@@ -118,19 +143,37 @@ class LocalSGD:
                 anomaly_threshold=cfg.anomaly_threshold, ewma_alpha=cfg.ewma_alpha,
                 ewma_warmup=max(1, cfg.ewma_warmup), weighting=cfg.weighting, clip=cfg.pseudo_grad_clip,
             )
-        self.stats = init_stats(self.L)
-        self.bytes_sent_total = 0
+        self.stats = init_stats(self.L, self.device)
+        self.bytes_sent_total = 0  # predicted at each sync (what the log line reports)
+        self.bytes_sent_measured = 0  # what the collectives reported when launched (tests compare)
         self._check_inter_group_order()
+        self.streaming = cfg.method == "streaming"
+        if self.streaming:
+            self.num_fragments = cfg.streaming_fragments or default_num_fragments(self.num_layers)
+            validate_streaming_schedule(self.num_layers, self.num_fragments, cfg.streaming_pattern,
+                                        cfg.sync_interval, cfg.streaming_overlap_steps, cfg.warmup_iters)
         self.units = self._build_units()
+        if cfg.outer_grad_error_feedback:
+            for unit in self.units:
+                unit.error_feedback = ErrorFeedback()
         self._key_norm_cache: dict[int, torch.Tensor] = {}
         self._weights: Optional[torch.Tensor] = None  # [L] this worker's weight per layer
         self._skip: Optional[torch.Tensor] = None
         self._clip_enabled = self.penalty_cfg is not None and self.penalty_cfg.clip is not None
         self._corrupt_gen = torch.Generator().manual_seed(seed + 7919)
+        self.async_ctl = None
+        if cfg.method == "a-edit":
+            self.async_ctl = AsyncSyncController(
+                cfg.sync_time, topology.num_workers, topology.worker_index, global_batch_size, budget_samples,
+                topology.worker_group, topology.inter_worker_group, self.device, cfg.debug_slow_worker)
+        self._unit_of_bucket_group = {id(u.bucket_group): i for i, u in enumerate(self.units)
+                                      if u.bucket_group is not None}
         if cfg.layerwise:
             self._install_layerwise_hooks()
         if is_anchor_iteration(0, cfg.warmup_iters):
             init_outer_state(self.shards, self.with_momentum, cfg.offload_outer_state)
+            if self.async_ctl is not None:
+                self.async_ctl.start(consumed_samples=0)
 
     # ------------------------------------------------------------------ set-up
     def _check_inter_group_order(self) -> None:
@@ -138,14 +181,23 @@ class LocalSGD:
         group = self.topo.inter_worker_group
         if group is None:
             return
-        mine = torch.tensor([float(self.topo.worker_index)])
-        out = torch.zeros(group.size())
+        mine = torch.tensor([float(self.topo.worker_index)], device=self.device)
+        out = torch.zeros(group.size(), device=self.device)
         dist.all_gather_into_tensor(out, mine, group=group)
-        if not torch.equal(out, torch.arange(group.size(), dtype=out.dtype)):
+        if not torch.equal(out.cpu(), torch.arange(group.size(), dtype=out.dtype)):
             raise RuntimeError(f"inter-worker group lists workers as {out.tolist()}, expected 0..W-1")
 
     def _build_units(self) -> list[_Unit]:
         key_of = param_layer_keys(self.model, self.num_layers)
+        if self.streaming:
+            fragment_of_key = self._fragment_of_key()
+            units = []
+            for p in range(self.num_fragments):
+                unit = _Unit([s for s in self.shards if fragment_of_key[s.key] == p])
+                unit.keys = {k for k in set(key_of.values()) if fragment_of_key[k] == p}
+                unit.name = str(p)
+                units.append(unit)
+            return units
         if not self.cfg.layerwise:
             unit = _Unit(list(self.shards))
             unit.keys = set(key_of.values())  # the same on every rank of the stage
@@ -164,6 +216,15 @@ class LocalSGD:
                 unit.bucket_group = bg
                 units.append(unit)
         return units
+
+    def _fragment_of_key(self) -> list[int]:
+        """Streaming fragments over layer keys: transformer layers by --streaming-pattern, the embeddings
+        (and the tied output weight) with the first layer's fragment, final norm / output layer with the
+        last layer's (sync_schedule.fragment_of_embedding / fragment_of_output)."""
+        P, pattern = self.num_fragments, self.cfg.streaming_pattern
+        of_layer = assign_layers_to_fragments(self.num_layers, P, pattern)
+        embedding = fragment_of_embedding(P, pattern)
+        return [embedding, embedding] + of_layer + [fragment_of_output(self.num_layers, P, pattern)]
 
     def _install_layerwise_hooks(self) -> None:
         """Wrap each bucket group's start_param_sync (megatron-core 0.16.1 seam, SPEC section 5)."""
@@ -193,10 +254,43 @@ class LocalSGD:
         cfg = self.cfg
         if is_anchor_iteration(iteration, cfg.warmup_iters):
             init_outer_state(self.shards, self.with_momentum, cfg.offload_outer_state)
+            if self.async_ctl is not None:
+                self.async_ctl.start(consumed_samples=iteration * self.async_ctl.global_batch_size)
             return None
-        if iteration <= cfg.warmup_iters or not is_sync_iteration(iteration, cfg.warmup_iters, cfg.sync_interval):
+        if iteration <= cfg.warmup_iters:
+            return None
+        if self.streaming:
+            return self._streaming_step(iteration)
+        if self.async_ctl is not None:
+            if not self.async_ctl.after_inner_step():
+                return None
+            report = self.sync(iteration)
+            self.async_ctl.restart_clock()
+            return report
+        if not is_sync_iteration(iteration, cfg.warmup_iters, cfg.sync_interval):
             return None
         return self.sync(iteration)
+
+    def _streaming_step(self, iteration: int) -> Optional[SyncReport]:
+        """Launch the fragments whose turn it is; merge those launched tau steps ago (same iteration when
+        tau = 0); move in-flight two-phase collectives on at a point every rank agrees on."""
+        cfg = self.cfg
+        tau = cfg.streaming_overlap_steps
+        merging = fragments_merging_at(iteration, cfg.warmup_iters, cfg.sync_interval, self.num_fragments, tau)
+        for p in merging:
+            if tau > 0:
+                self._finish_unit(p)
+        report = None
+        starting = fragments_syncing_at(iteration, cfg.warmup_iters, cfg.sync_interval, self.num_fragments)
+        if starting:
+            report = self.sync(iteration, starting)
+        for p, unit in enumerate(self.units):
+            if unit.launched and not unit.advanced and p not in starting and unit.handle is not None:
+                unit.handle.advance()
+                unit.advanced = True
+        if merging:
+            self._regather_params()
+        return report
 
     def _maybe_corrupt(self, iteration: int) -> None:
         """Fault injection: with probability PROB, worker W's gradients get N(0, SCALE^2) noise. The
@@ -218,49 +312,64 @@ class LocalSGD:
                     bucket.grad_data.add_(noise.to(bucket.grad_data.device, bucket.grad_data.dtype))
 
     # ------------------------------------------------------------------ the sync
-    def sync(self, iteration: int) -> SyncReport:
+    def sync(self, iteration: int, unit_indices: Optional[list[int]] = None) -> SyncReport:
+        """Start a sync of the given units (all by default). All-at-once and streaming with tau = 0
+        finish here; layer-wise units finish in the next forward, streaming ones tau steps later."""
         start = time.perf_counter()
         self.flush_pending()
-        norms, anomalous = self._compute_weights()
+        indices = list(range(len(self.units))) if unit_indices is None else unit_indices
+        members = {id(s) for i in indices for s in self.units[i].shards}
+        # Global shard order, whatever the unit layout: the norms (and so the weights) must be bitwise
+        # the same for layer-wise and all-at-once syncs.
+        step_weights = self.async_ctl.exchange() if self.async_ctl is not None else None
+        norms, anomalous = self._compute_weights([s for s in self.shards if id(s) in members],
+                                                 step_weights if self.cfg.step_weighted else None)
         self._key_norm_cache = {}
-        sent = self._bytes_for_sync()
+        sent = sum(self._predicted_bytes(self.units[i].numel) for i in indices) + self._norm_bytes()
         self.bytes_sent_total += sent
-        for unit in self.units:
-            unit.pending = True
+        for i in indices:
+            self.units[i].pending = True
         if self.cfg.layerwise:
             if self.units:
                 self._launch_unit(0)  # the rest is launched one ahead, inside the next forward
+        elif self.streaming and self.cfg.streaming_overlap_steps > 0:
+            for i in indices:
+                self._launch_unit(i)
         else:
-            for index in range(len(self.units)):
-                self._finish_unit(index)
+            for i in indices:
+                self._finish_unit(i)
             self._regather_params()
-        total_norm = float(norms.pow(2).sum(dim=1).sqrt().mean()) if norms is not None else 0.0
+        total_norm = float(norms.pow(2).sum(dim=1).sqrt().mean())
         return SyncReport(
             iteration=iteration, workers=self.topo.num_workers, pseudo_grad_norm=total_norm,
             anomalous=anomalous, bytes_sent=sent, bytes_sent_total=self.bytes_sent_total,
-            wire_format=self.cfg.outer_grad_dtype,
-            sync_ms=(time.perf_counter() - start) * 1000.0,
+            wire_format=self.cfg.outer_grad_dtype, sync_ms=(time.perf_counter() - start) * 1000.0,
+            fragment=",".join(self.units[i].name for i in indices) if self.streaming else "all",
+            inner_steps=self.async_ctl.last_steps_per_worker if self.async_ctl is not None else None,
         )
 
-    def _bytes_for_sync(self) -> int:
-        """What this rank sends to other workers in one sync: the G all-gather and the fp32 ring
-        all-reduce of its shards."""
+    def _predicted_bytes(self, numel: int) -> int:
         group = self.topo.inter_worker_group
         if group is None:
             return 0
-        numel = sum(s.main.numel() for s in self.shards)
-        return ring_all_reduce_bytes(numel, 4, group.size()) + (group.size() - 1) * self.L * 4
+        return predicted_bytes_sent(numel, group.size(), group.rank(), self.cfg.outer_grad_dtype,
+                                    self.cfg.outer_grad_block_size)
 
-    def _compute_weights(self):
+    def _norm_bytes(self) -> int:
+        """The all-gather of this worker's per-layer norms to the other workers."""
+        group = self.topo.inter_worker_group
+        return 0 if group is None else (group.size() - 1) * self.L * 4
+
+    def _compute_weights(self, shards: list[OuterShard], step_weights: Optional[torch.Tensor] = None):
         """G [W, L] on every rank, then this worker's weight per layer (and the skip mask)."""
         W = self.topo.num_workers
-        local = torch.zeros(self.L, dtype=torch.float32)
-        for s in self.shards:
+        local = torch.zeros(self.L, dtype=torch.float32, device=self.device)
+        for s in shards:
             if s.count_in_worker_norm:
                 delta = s.anchor.to(s.main.device) - s.main.detach().float()
-                local[s.key] += delta.pow(2).sum().cpu()
+                local[s.key] += delta.pow(2).sum()
         dist.all_reduce(local, group=self.topo.worker_group)
-        gathered = torch.zeros(W * self.L, dtype=torch.float32)
+        gathered = torch.zeros(W * self.L, dtype=torch.float32, device=self.device)
         if self.topo.inter_worker_group is not None:
             dist.all_gather_into_tensor(gathered, local, group=self.topo.inter_worker_group)
         else:
@@ -268,14 +377,14 @@ class LocalSGD:
         norms = gathered.view(W, self.L).sqrt()
         anomalous_names: list[str] = []
         if self.penalty_cfg is not None:
-            weights, skip, anomalous, self.stats = penalty_weights(norms, self.stats, self.penalty_cfg)
+            weights, skip, anomalous, self.stats = penalty_weights(norms, self.stats, self.penalty_cfg, step_weights)
             for w in range(W):
                 layers = anomalous[w].nonzero().flatten().tolist()
                 if layers:
                     anomalous_names.append(f"w{w}[{' '.join(layer_key_name(k, self.num_layers) for k in layers)}]")
         else:
-            weights = torch.full((W, self.L), 1.0 / W)
-            skip = torch.zeros(self.L, dtype=torch.bool)
+            weights = torch.full((W, self.L), 1.0 / W, device=self.device)
+            skip = torch.zeros(self.L, dtype=torch.bool, device=self.device)
         self._weights = weights[self.topo.worker_index]
         self._skip = skip
         self._last_norms = norms
@@ -283,23 +392,26 @@ class LocalSGD:
 
     def _launch_unit(self, index: int) -> None:
         unit = self.units[index]
-        if unit.launched:
+        if unit.launched or not unit.pending:  # finished units of this sync never go out again
             return
         unit.launched = True
         parts = []
         for s in unit.shards:
             delta = s.anchor.to(s.main.device, non_blocking=True) - s.main.detach().float()
             parts.append(weighted_sum_contribution(delta.view(-1), self._weights[s.key]))
-        unit.combined = torch.cat(parts) if parts else torch.zeros(0)
-        group = self.topo.inter_worker_group
-        if group is not None and unit.combined.numel() > 0:
-            unit.handle = dist.all_reduce(unit.combined, group=group, async_op=True)
+        contribution = torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+        # Weights are applied before the wire (weighted_sum_contribution), so the reduction is a sum.
+        unit.handle = launch_quantized_all_reduce_mean(
+            contribution, self.topo.inter_worker_group, self.cfg.outer_grad_dtype,
+            self.cfg.outer_grad_block_size, weight=1.0, divisor=1.0, error_feedback=unit.error_feedback,
+        )
+        self.bytes_sent_measured += unit.handle.bytes_sent
 
     def _wait_unit(self, index: int) -> None:
         self._launch_unit(index)
         unit = self.units[index]
         if unit.handle is not None:
-            unit.handle.wait()
+            unit.combined = unit.handle.wait()
             unit.handle = None
 
     def _units_with_key(self, key: int) -> list[int]:
@@ -313,7 +425,7 @@ class LocalSGD:
         unit = self.units[index]
         missing = sorted(k for k in unit.keys if k not in self._key_norm_cache)
         if missing:
-            sumsq = torch.zeros(self.L, dtype=torch.float32)
+            sumsq = torch.zeros(self.L, dtype=torch.float32, device=self.device)
             for key in missing:
                 for j in self._units_with_key(key):
                     self._wait_unit(j)
@@ -321,7 +433,7 @@ class LocalSGD:
                     for s in self.units[j].shards:
                         n = s.main.numel()
                         if s.key == key and s.count_in_stage_norm:
-                            sumsq[key] += self.units[j].combined[offset:offset + n].pow(2).sum().cpu()
+                            sumsq[key] += self.units[j].combined[offset:offset + n].pow(2).sum()
                         offset += n
             dist.all_reduce(sumsq, group=self.topo.worker_stage_group)
             coefficient = clip_coefficient(sumsq.sqrt(), self.penalty_cfg.clip)
@@ -333,8 +445,11 @@ class LocalSGD:
         """Outer step for one unit's shards; then theta_w = anchor for them."""
         unit = self.units[index]
         self._wait_unit(index)
-        if self.cfg.layerwise and index + 1 < len(self.units):
-            self._launch_unit(index + 1)  # prefetch the next bucket's collective
+        if self.cfg.layerwise:
+            # Prefetch along DDP's own all-gather chain (next_param_gather_bucket_group, 0.16.1).
+            nxt = self._unit_of_bucket_group.get(id(getattr(unit.bucket_group, "next_param_gather_bucket_group", None)))
+            if nxt is not None:
+                self._launch_unit(nxt)
         scales = self._clip_scales(index)
         cfg = self.cfg
         offset = 0
@@ -353,11 +468,16 @@ class LocalSGD:
                 if momentum is not None:
                     s.momentum.copy_(momentum)
             with torch.no_grad():
-                s.main.copy_(anchor)
+                if self.streaming:
+                    # theta = alpha * theta + (1 - alpha) * anchor' (alpha = 0 gives the anchor exactly)
+                    s.main.copy_(torch.lerp(anchor, s.main.detach().float(), cfg.streaming_mix_alpha))
+                else:
+                    s.main.copy_(anchor)
                 if s.model_view.data_ptr() != s.main.data_ptr():
-                    s.model_view.copy_(anchor)
+                    s.model_view.copy_(s.main)
         unit.combined = None
         unit.launched = False
+        unit.advanced = False
         unit.pending = False
 
     def _regather_params(self) -> None:
@@ -368,7 +488,10 @@ class LocalSGD:
                 chunk.start_param_sync()
 
     def flush_pending(self) -> None:
-        """Apply every deferred layer-wise update now (before eval, checkpoint, or the next sync)."""
+        """Apply every deferred layer-wise update now (before eval, checkpoint, or the next sync).
+        Streaming fragments in flight are not deferred updates: they merge at their own iteration."""
+        if not self.cfg.layerwise:
+            return
         for index, unit in enumerate(self.units):
             if unit.pending:
                 self._finish_unit(index)

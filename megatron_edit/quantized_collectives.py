@@ -69,6 +69,7 @@ __all__ = [
     "ALGORITHMS",
     "QuantizedAllReduceHandle",
     "chunk_bounds",
+    "predicted_bytes_sent",
     "launch_quantized_all_reduce_mean",
     "quantized_all_reduce_mean",
 ]
@@ -163,6 +164,21 @@ def _reduce_scatter_all_gather_bytes(sizes: list[int], rank: int) -> int:
     """Phase 1 sends every peer its chunk; phase 2 sends this rank's reduced chunk to every peer."""
     own = sizes[rank]
     return sum(sizes) - own + (len(sizes) - 1) * own
+
+
+def predicted_bytes_sent(
+    numel: int, world_size: int, rank: int, fmt: str | WireFormat, block_size: int = 128,
+    algorithm: str = REDUCE_SCATTER,
+) -> int:
+    """What :func:`launch_quantized_all_reduce_mean` will report as ``bytes_sent`` for a vector of
+    ``numel`` elements, known before launching (sync log lines report it at sync time)."""
+    fmt = get_format(fmt)
+    if world_size <= 1 or numel == 0:
+        return 0
+    if algorithm == ALL_GATHER and fmt.name != "fp32":
+        return (world_size - 1) * wire_bytes(numel, fmt, block_size)
+    _, sizes = _chunk_wire_sizes(numel, world_size, fmt, block_size)
+    return _reduce_scatter_all_gather_bytes(sizes, rank)
 
 
 def _all_gather_into(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup, async_op: bool):

@@ -391,11 +391,11 @@ def test_matches_reference_over_syncs(weighting, use_steps, clip):
         combined, weights, skip, anomalous, stats = torch_penalized_average(deltas, stats, cfg, steps)
         # decisions the uncorrected std sqrt(var) would have flagged but the corrected one accepted
         for layer in range(len(sizes)):
-            m, v = before.mean[layer].item(), before.var[layer].item()
             if before.count[layer].item() >= cfg.ewma_warmup:
                 for w in range(num_workers):
                     g = torch.linalg.vector_norm(deltas[w][layer]).item()
-                    if g - m > cfg.anomaly_threshold * max(math.sqrt(v), 1e-30) and not anomalous[w, layer]:
+                    raw_limit = before.mean[layer].item() + cfg.anomaly_threshold * _old_std(before, layer)
+                    if g > raw_limit and not anomalous[w, layer]:
                         saw["correction_accepted"] += 1
         ref_combined, ref_weights, ref_skip, ref_stats_dict = reference_penalized_average(
             deltas, ref_stats, cfg, steps.tolist() if steps is not None else None

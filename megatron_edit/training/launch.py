@@ -35,7 +35,8 @@ def main_shard_digest(trainer) -> tuple[float, float]:
     return float(total[0]), float(total[1])
 
 
-def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, keep_params: bool) -> None:
+def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, keep_params: bool,
+               keep_snapshots: bool) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -49,10 +50,15 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
     digests, step_times = [], []
     last = [time.perf_counter()]
 
+    snapshots, sync_events = [], []
+
     def on_step(t) -> None:
         now = time.perf_counter()
         step_times.append((t.iteration, now - last[0], t.last_sync_report is not None))
+        sync_events.append(t.last_sync_report.bytes_sent if t.last_sync_report is not None else 0)
         digests.append(main_shard_digest(t))
+        if keep_snapshots:
+            snapshots.append([s.main.detach().float().clone() for s in t.local_sgd.shards])
         last[0] = time.perf_counter()
 
     start = time.perf_counter()
@@ -73,6 +79,11 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
         last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
         consumed_samples=trainer.consumed_samples,
         sync_bytes=local_sgd.bytes_sent_total if local_sgd else 0,
+        sync_bytes_measured=local_sgd.bytes_sent_measured if local_sgd else 0,
+        snapshots=snapshots,
+        sync_event_bytes=sync_events,
+        shard_keys=[s.key for s in local_sgd.shards] if local_sgd else [],
+        fragment_of_key=local_sgd._fragment_of_key() if local_sgd is not None and local_sgd.streaming else None,
         outer_state_bytes=local_sgd.outer_state_bytes() if local_sgd else 0,
         main_shard_bytes=sum(m.numel() * 4 for _, m, _ in mcore_adapter.main_param_pairs(trainer.optimizer)),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -81,10 +92,13 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
     shutdown()
 
 
-def spawn_training(argv: Sequence[str], world_size: int, keep_params: bool = True) -> list[dict]:
-    """Train on `world_size` local gloo ranks; returns each rank's result dict (index = global rank)."""
+def spawn_training(argv: Sequence[str], world_size: int, keep_params: bool = True,
+                   keep_snapshots: bool = False) -> list[dict]:
+    """Train on `world_size` local gloo ranks; returns each rank's result dict (index = global rank).
+    ``keep_snapshots``: every iteration, a copy of each fp32 main shard of the local-SGD engine."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_rank_main, args=(world_size, _free_port(), list(argv), out_dir, keep_params),
+        mp.start_processes(_rank_main, args=(world_size, _free_port(), list(argv), out_dir, keep_params,
+                                             keep_snapshots),
                            nprocs=world_size, join=True, start_method="spawn")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 

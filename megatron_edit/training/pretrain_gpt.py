@@ -129,7 +129,11 @@ class Trainer:
             from megatron_edit.local_sgd import LocalSGD
 
             self.local_sgd = LocalSGD(local_sgd_cfg, self.topology, self.model, self.optimizer, self.config,
-                                      seed=args.seed)
+                                      seed=args.seed, global_batch_size=args.global_batch_size,
+                                      budget_samples=args.train_iters * args.global_batch_size)
+        # A-EDiT: workers step at their own pace, so per-step collectives stay inside the worker.
+        self.asynchronous = local_sgd_cfg is not None and local_sgd_cfg.method == "a-edit"
+        self.loss_group = self.topology.intra_dp_group if self.asynchronous else self.dp_group
         self.tensorboard = TensorBoard(args.tensorboard_dir if dist.get_rank() == dist.get_world_size() - 1 else None)
         print_rank_0(
             f" > megatron_edit: world {dist.get_world_size()} = TP {args.tensor_model_parallel_size} x PP "
@@ -166,8 +170,19 @@ class Trainer:
         self.scheduler.step(increment=self.args.global_batch_size)
         report = self.local_sgd.after_optimizer_step(self.iteration) if self.local_sgd is not None else None
         self.last_sync_report = report
-        loss = _mean_loss_over_data_parallel(loss_dicts, self.dp_group)
+        if self.asynchronous and self.iteration > self.local_sgd.cfg.warmup_iters:
+            ctl = self.local_sgd.async_ctl
+            self.consumed_samples = ctl.estimated_samples
+            if report is not None:  # the schedule follows the samples all workers agreed on
+                self.scheduler.num_steps = ctl.agreed_samples
+                self.scheduler.step(increment=0)
+        loss = _mean_loss_over_data_parallel(loss_dicts, self.loss_group)
         return loss, grad_norm, ok, report
+
+    def finished(self) -> bool:
+        if self.asynchronous and self.iteration > self.local_sgd.cfg.warmup_iters:
+            return self.local_sgd.async_ctl.stop_requested
+        return self.iteration >= self.args.train_iters
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -229,7 +244,7 @@ class Trainer:
         window_losses: list[float] = []
         window_start = time.perf_counter()
         skipped = nan_iters = 0
-        while self.iteration < args.train_iters:
+        while not self.finished():
             loss, grad_norm, ok, report = self.train_step()
             if not ok:
                 skipped += 1
@@ -258,7 +273,8 @@ class Trainer:
                 window_losses = []
                 skipped = nan_iters = 0
                 window_start = time.perf_counter()
-            if self.iteration % args.eval_interval == 0 and self.iteration < args.train_iters:
+            # A-EDiT evaluates at the end only: a periodic eval would need every worker at the same step.
+            if self.iteration % args.eval_interval == 0 and not self.finished() and not self.asynchronous:
                 self.log_validation()
         self.log_validation()
         self.sync_params_for_reading()

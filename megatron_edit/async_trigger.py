@@ -1,0 +1,91 @@
+"""A-EDiT's time-based sync trigger (EDiT paper, Section 3.3; SPEC 2.3).
+
+Workers run at their own speed and sync once ``sync_time`` seconds have passed since the last sync, so a
+fast worker does more inner steps than a slow one. Agreement without hangs:
+- inside a worker every rank must decide on the same step: one MAX all-reduce of the "elapsed" flag over
+  the worker's ranks per step (cheap; the worker is in lockstep anyway);
+- across workers no per-step collective is needed (it would tie the fast worker to the slow one): every
+  worker's clock restarts when the previous sync's collectives complete, so each worker enters the next
+  sync's collectives when its own clock runs out, at most one slow step after the others. No worker can
+  be left blocked: each clock always runs out, and the budget check at a sync is agreed by all.
+At each sync the workers exchange how many inner steps they took (float64 on the host; step-aware
+averaging may weight pseudo-gradients by them) and whether they reached the budget. Consumed samples
+are agreed there, so the LR schedule follows the same count on every worker.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_edit.sync_schedule import TimeTrigger
+
+
+class AsyncSyncController:
+    def __init__(self, sync_time_s: float, num_workers: int, worker_index: int, global_batch_size: int,
+                 budget_samples: int, worker_group, inter_worker_group,
+                 device: torch.device, slow_worker: Optional[tuple[int, float]] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.trigger = TimeTrigger(sync_time_s, clock)
+        self.num_workers = num_workers
+        self.worker_index = worker_index
+        self.samples_per_worker_step = global_batch_size // num_workers
+        self.global_batch_size = global_batch_size
+        self.budget_samples = budget_samples
+        self.worker_group = worker_group
+        self.inter_worker_group = inter_worker_group
+        self.slow_factor = slow_worker[1] if slow_worker and slow_worker[0] == worker_index else 1.0
+        self.clock = clock
+        self.device = device
+        self.steps_since_sync = 0
+        self.agreed_samples = 0  # consumed samples agreed at the last sync (all workers)
+        self.stop_requested = False
+        self.last_steps_per_worker: list[int] = []
+        self._step_start = clock()
+
+    def start(self, consumed_samples: int) -> None:
+        """End of warmup: the agreed count so far, and the first interval starts now."""
+        self.agreed_samples = consumed_samples
+        self.steps_since_sync = 0
+        self.trigger.reset()
+        self._step_start = self.clock()
+
+    @property
+    def estimated_samples(self) -> int:
+        """This worker's view of the global count: as if every worker had kept its pace."""
+        return self.agreed_samples + self.steps_since_sync * self.global_batch_size
+
+    def after_inner_step(self) -> bool:
+        """Count the step, slow down a simulated straggler, and return whether this worker enters a sync
+        now (the same answer on every rank of the worker)."""
+        self.steps_since_sync += 1
+        if self.slow_factor > 1.0:
+            time.sleep((self.slow_factor - 1.0) * max(0.0, self.clock() - self._step_start))
+        local = self.trigger.elapsed() or self.estimated_samples >= self.budget_samples
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        if self.worker_group is not None and self.worker_group.size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.worker_group)
+        self._step_start = self.clock()
+        return bool(flag.item() > 0)
+
+    def exchange(self) -> torch.Tensor:
+        """At a sync: every worker's inner steps since the last sync; updates the agreed sample count and
+        decides (identically everywhere) whether the run ends at this sync."""
+        mine = torch.tensor([float(self.steps_since_sync)], dtype=torch.float64, device=self.device)
+        steps = torch.zeros(self.num_workers, dtype=torch.float64, device=self.device)
+        if self.inter_worker_group is not None:
+            dist.all_gather_into_tensor(steps, mine, group=self.inter_worker_group)
+        else:
+            steps.copy_(mine)
+        self.last_steps_per_worker = [int(s) for s in steps.cpu().tolist()]
+        self.agreed_samples += int(sum(self.last_steps_per_worker)) * self.samples_per_worker_step
+        self.stop_requested = self.agreed_samples >= self.budget_samples
+        self.steps_since_sync = 0
+        return steps.float()  # on self.device, like the norms it weights
+
+    def restart_clock(self) -> None:
+        """After the sync's collectives: every worker's next interval starts (almost) together."""
+        self.trigger.reset()
+        self._step_start = self.clock()
