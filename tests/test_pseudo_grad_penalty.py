@@ -195,9 +195,10 @@ def test_threshold_zero_disables_z_test():
 def test_zero_variance_equal_norm_is_not_anomalous():
     cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=3.0, ewma_warmup=1)
     stats = _stats([2.0, 0.0], [0.0, 0.0], [1, 1])
-    norms = torch.tensor([[2.0, 0.0], [2.0 * (1 + 2e-6), 1e-3], [2.0 * (1 + 5e-6), 0.0]])
+    assert STD_RELATIVE_FLOOR == 0.1
+    norms = torch.tensor([[2.0, 0.0], [2.0 * (1 + 0.2), 1e-3], [2.0 * (1 + 0.5), 0.0]])
     _, _, anomalous, _ = penalty_weights(norms, stats, cfg)
-    # std floor = 1e-6 * 2: 2e-6 relative is z = 2, 5e-6 is z = 5; a frozen layer (mean 0) flags any growth
+    # std floor = 0.1 * 2: +20% is z = 2, +50% is z = 5; a frozen layer (mean 0) flags any growth
     assert anomalous.tolist() == [[False, False], [False, True], [True, False]]
 
 
@@ -435,8 +436,9 @@ def test_matches_reference_over_syncs(weighting, use_steps, clip):
 
 
 def _old_std(stats, layer):
-    """The z-test's std before the bias correction: sqrt of the raw EWMA variance, with the same floor."""
-    return max(math.sqrt(stats.var[layer].item()), STD_RELATIVE_FLOOR * abs(stats.mean[layer].item()))
+    """The z-test's std before the fixes: sqrt of the raw EWMA variance, with the original 1e-6 relative
+    floor (today's 10% floor would hide what the bias correction alone fixes)."""
+    return max(math.sqrt(stats.var[layer].item()), 1e-6 * abs(stats.mean[layer].item()))
 
 
 def _corrected_std(stats, layer, alpha):

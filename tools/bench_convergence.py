@@ -224,6 +224,7 @@ def summarize(results: list[dict], seq_length: int) -> dict:
         tokens=consumed * seq_length,
         wall_time=max(r["wall_time"] for r in results),
         sync_bytes=[r["sync_bytes"] for r in results],
+        sync_bytes_measured=[r.get("sync_bytes_measured", r["sync_bytes"]) for r in results],
         syncs=sum(1 for _, _, s in results[0]["step_times"] if s),
         num_params_fp32_bytes_per_rank=[r["main_shard_bytes"] for r in results],
     )
@@ -330,6 +331,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         s = summaries[method]
         sb = s["sync_bytes"]
         sent = fmt_bytes(max(sb)) + ("" if min(sb) == max(sb) else f" (min {fmt_bytes(min(sb))})")
+        if max(s["sync_bytes_measured"]) != max(sb):
+            sent += f" (measured {fmt_bytes(max(s['sync_bytes_measured']))})"
         sent += f" ({s['syncs']} syncs)" if method != "sync" else ""
         rv = f"{s['final_val'] / ref_val:.3f}" if ref_val else "-"
         rw = f"{s['wall_time'] / ref_wall:.2f}" if ref_wall else "-"
