@@ -23,13 +23,13 @@ def reference():
 @pytest.mark.parametrize(
     "name,extra,world",
     [
-        ("tp2-dp2", ["--tensor-model-parallel-size", "2"], 4),
+        # the other rank order (tp-cp-ep-pp-dp) here; the 8-rank run below uses the default order
+        ("tp2-dp2-tp-pp-dp-order", ["--tensor-model-parallel-size", "2", "--use-tp-pp-dp-mapping"], 4),
         ("pp2-dp2-distopt", ["--pipeline-model-parallel-size", "2"] + DIST_OPT, 4),
         ("tp2-pp2-dp2-distopt", ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
          + DIST_OPT, 8),
         ("pp2-vpp2-dp2-interleaved", ["--pipeline-model-parallel-size", "2",
                                       "--num-layers-per-virtual-pipeline-stage", "1"] + DIST_OPT, 4),
-        ("tp2-dp2-tp-pp-dp-order", ["--tensor-model-parallel-size", "2", "--use-tp-pp-dp-mapping"], 4),
     ],
 )
 def test_loss_curve_matches_single_rank(reference, name, extra, world):

@@ -18,12 +18,19 @@ def _assert_params_close(a: dict, b: dict, rtol: float, atol: float) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def test_diloco_sgd_interval_1_equals_synchronous_training():
+SGD_BASE = TINY_MODEL + ["--global-batch-size", "16", "--train-iters", "6", "--lr", "0.5",
+                         "--optimizer", "sgd", "--sgd-momentum", "0", "--clip-grad", "0", "--weight-decay", "0"]
+
+
+@pytest.fixture(scope="module")
+def synchronous_sgd():
+    return run_training(SGD_BASE, 4)
+
+
+def test_diloco_sgd_interval_1_equals_synchronous_training(synchronous_sgd):
     """Inner SGD, H=1, outer lr 1, momentum 0: anchor - mean_w(lr g_w) is exactly a data-parallel SGD
     step over the union of the workers' batches (4 ranks = 2 workers x 2 ranks)."""
-    base = TINY_MODEL + ["--global-batch-size", "16", "--train-iters", "6", "--lr", "0.5",
-                         "--optimizer", "sgd", "--sgd-momentum", "0", "--clip-grad", "0", "--weight-decay", "0"]
-    sync = run_training(base, 4)
+    base, sync = SGD_BASE, synchronous_sgd
     local = run_training(base + ["--local-sgd", "diloco", "--local-sgd-workers", "2", "--local-sgd-sync-interval",
                                  "1", "--outer-lr", "1", "--outer-momentum", "0"], 4)
     assert losses(local) == pytest.approx(losses(sync), rel=1e-5)
@@ -32,13 +39,11 @@ def test_diloco_sgd_interval_1_equals_synchronous_training():
         _assert_params_close(r_sync["params"], r_local["params"], rtol=1e-5, atol=1e-6)
 
 
-def test_local_sgd_without_sync_is_not_data_parallel():
+def test_local_sgd_without_sync_is_not_data_parallel(synchronous_sgd):
     """Control for the test above: with H=3 the workers drift apart between syncs, so the curve must
     differ from synchronous training (the equivalence is not an accident of the harness)."""
-    base = TINY_MODEL + ["--global-batch-size", "16", "--train-iters", "6", "--lr", "0.5",
-                         "--optimizer", "sgd", "--sgd-momentum", "0", "--clip-grad", "0", "--weight-decay", "0"]
-    sync = losses(run_training(base, 4))
-    local = losses(run_training(base + ["--local-sgd", "diloco", "--local-sgd-workers", "2",
+    sync = losses(synchronous_sgd)
+    local = losses(run_training(SGD_BASE + ["--local-sgd", "diloco", "--local-sgd-workers", "2",
                                         "--local-sgd-sync-interval", "3", "--outer-lr", "1",
                                         "--outer-momentum", "0"], 4))
     assert local[0] == pytest.approx(sync[0], rel=1e-6)
