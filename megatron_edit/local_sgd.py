@@ -383,8 +383,17 @@ class LocalSGD:
                 if layers:
                     anomalous_names.append(f"w{w}[{' '.join(layer_key_name(k, self.num_layers) for k in layers)}]")
         else:
-            weights = torch.full((W, self.L), 1.0 / W, device=self.device)
-            skip = torch.zeros(self.L, dtype=torch.bool, device=self.device)
+            # No penalty: the plain mean over workers, except that a worker whose delta is NaN/Inf in a
+            # layer is left out of that layer's mean (the wire would zero its values and silently shrink
+            # the step by 1/W); a layer with no finite worker skips its outer step.
+            finite = torch.isfinite(norms)
+            count = finite.sum(dim=0)
+            weights = finite.float() / count.clamp(min=1).float()
+            skip = count == 0
+            for w in range(W):
+                layers = (~finite[w]).nonzero().flatten().tolist()
+                if layers:
+                    anomalous_names.append(f"w{w}[nonfinite: {' '.join(layer_key_name(k, self.num_layers) for k in layers)}]")
         self._weights = weights[self.topo.worker_index]
         self._skip = skip
         self._last_norms = norms

@@ -137,3 +137,18 @@ def test_penalty_protects_against_a_corrupted_worker():
     assert clean[-1] < clean[0] - 0.5
     assert abs(edit[-1] - clean[-1]) < 0.05, (edit[-1], clean[-1])
     assert diloco[-1] > clean[-1] + 0.5, (diloco[-1], clean[-1])
+
+
+def test_diloco_leaves_out_a_nonfinite_worker():
+    """Worker 2's gradients are Inf every step, so its delta is NaN at every sync. DiLoCo (no penalty)
+    averages over the finite workers only: after each sync (H=2) every worker, worker 2 included, holds
+    finite params and the loss keeps falling; the run ends on a sync, so all final params are finite."""
+    results = run_training(CORRUPTION[:CORRUPTION.index("--train-iters") + 1] + ["8"]
+                           + CORRUPTION[CORRUPTION.index("--train-iters") + 2:]
+                           + ["--local-sgd", "diloco", "--local-sgd-debug-corrupt-worker", "2:inf:1.0"], 4)
+    curve = losses(results)
+    after_sync = curve[0::2]  # iterations 1, 3, 5, 7 start from freshly synced params
+    assert all(torch.isfinite(torch.tensor(after_sync)))
+    assert after_sync[-1] < after_sync[0] - 0.3
+    for r in results:
+        assert all(torch.isfinite(p).all() for p in r["params"].values())

@@ -104,6 +104,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------- helpers
 def ensure_data(data_dir: str) -> tuple[str, str]:
     """The default corpus, prepared the way examples/shakespeare_edit.sh does it (only what is missing)."""
+    data_dir = os.path.abspath(data_dir)
     prefix = os.path.join(data_dir, f"shakespeare_sp{VOCAB}")
     jsonl = os.path.join(data_dir, "shakespeare.jsonl")
     py = sys.executable

@@ -26,7 +26,7 @@ Timings on a shared 2-core CPU are noisy: read the ratios between runs made side
 to interleave several rounds (samples of all rounds are pooled).
 
     python tools/bench_step.py                                  # defaults, a few minutes
-    python tools/bench_step.py --hidden-size 256 --num-layers 8 --train-iters 96 --repeats 2
+    python tools/bench_step.py --hidden-size 256 --num-layers 8 --train-iters 256 --repeats 2
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=os.path.join("runs", "bench_step"))
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--nproc", type=int, default=4, help="ranks (= DP size = workers)")
-    p.add_argument("--train-iters", type=int, default=64)
+    p.add_argument("--train-iters", type=int, default=128)
     p.add_argument("--sync-interval", type=int, default=8)
     p.add_argument("--skip-iters", type=int, default=4, help="warm-up iterations left out of the statistics")
     p.add_argument("--repeats", type=int, default=1, help="rounds over all methods (interleaved)")
@@ -174,6 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base = common_args(a)
     samples = {m: {"non_sync": [], "sync": [], "after_sync": [], "pairs": []} for m in methods}
     info: dict[str, dict] = {}
+    losses: dict[str, list[float]] = {}  # first round's loss history (a same-math check between variants)
     failures: dict[str, str] = {}
     for rnd in range(a.repeats):
         for method in methods:
@@ -195,6 +196,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 failures[method] = f"{type(e).__name__}: {msg[-1] if msg else ''}"
                 print(f"[bench] {method} FAILED: {failures[method]}", flush=True)
                 continue
+            if method not in losses:
+                from megatron_edit.training.launch import loss_curve
+
+                losses[method] = loss_curve(results)
             c = classify(results, a.skip_iters)
             for k, v in c.items():
                 samples[method][k].extend(v)
@@ -261,6 +266,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "device-memory saving.",
         "Timings are noisy (2 shared cores; other jobs were running at the same time).",
     ]
+    if "edit-all-at-once" in losses:  # SPEC 2.2: layer-wise must equal all-at-once exactly (offload too)
+        ref_losses = losses["edit-all-at-once"]
+        for m in ("edit", "edit-offload"):
+            if m in losses:
+                diff = max((abs(x - y) for x, y in zip(losses[m], ref_losses)), default=float("nan"))
+                same = losses[m] == ref_losses
+                notes.append(f"Same math check: {m} vs edit-all-at-once loss history "
+                             + ("bitwise identical" if same else f"DIFFERS (max abs diff {diff:.3g})")
+                             + f" over {len(ref_losses)} iterations.")
     total = time.perf_counter() - tool_start
     text = "\n".join(["# Step-time benchmark", "", table, "", *[f"- {n}" for n in notes], "",
                       f"Tool wall time: {total:.0f} s"]) + "\n"
@@ -269,7 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(a.output_dir, "step.md"), "w") as f:
         f.write(text)
     with open(os.path.join(a.output_dir, "results.json"), "w") as f:
-        json.dump({"args": vars(a), "failures": failures, "stats": stats, "info": info, "samples": samples},
+        json.dump({"args": vars(a), "failures": failures, "stats": stats, "info": info, "samples": samples,
+                   "losses": losses},
                   f, indent=1)
     return 1 if failures else 0
 
