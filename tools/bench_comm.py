@@ -64,6 +64,9 @@ def main() -> None:
         tokens = results[0]["consumed_samples"] * seq
         shard = [r["main_shard_bytes"] // 4 for r in results]  # fp32 elements of each rank's shard
         if name == "sync-dp":
+            # The DP run shards over all D ranks; in the hierarchical layout each of the W instances
+            # shards over S = D / W ranks, so a rank's shard there is W times larger.
+            shard = [n * W for n in shard]
             theoretical = sum(args.iters * 2 * (W - 1) * 4 * n // W for n in shard)
             measured_text, peak = "-", max(2 * (W - 1) * 4 * n // W for n in shard)
             dp_bytes_per_token = theoretical / tokens
