@@ -1,5 +1,4 @@
 """Streaming DiLoCo inside megatron-core: fragments, overlap, merge, quantized wire, byte counts."""
-import pytest
 import torch
 
 from megatron_edit.quantized_collectives import predicted_bytes_sent

@@ -9,15 +9,18 @@
 #
 # Needs root (ip netns, tc). Not part of CI. Addresses are private ones on our own namespaces only.
 # Usage: sudo bash tools/bandwidth_capped_run.sh [--rates "100mbit 1gbit none"] [--iters 40] [--python PY]
+#            [--methods "sync-dp diloco edit streaming-fp4"] [--output-dir runs/bandwidth]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATES="100mbit 1gbit none"
+METHODS="sync-dp diloco edit streaming-fp4"
 ITERS=40
 PY=${PYTHON:-python}
 OUT=runs/bandwidth
 while [ $# -gt 0 ]; do
     case "$1" in
         --rates) RATES="$2"; shift 2 ;;
+        --methods) METHODS="$2"; shift 2 ;;
         --iters) ITERS="$2"; shift 2 ;;
         --python) PY="$2"; shift 2 ;;
         --output-dir) OUT="$2"; shift 2 ;;
@@ -76,7 +79,7 @@ run_site() {  # $1 = site index, $2 = log, rest = flags
 TABLE="$OUT/bandwidth.md"
 echo "| method | link | median ms / iteration | bytes on the link | link bytes / iteration |" > "$TABLE"
 echo "|---|---|---|---|---|" >> "$TABLE"
-for method in sync-dp diloco edit streaming-fp4; do
+for method in $METHODS; do
     for rate in $RATES; do
         setup_link "$rate"
         before=$(link_bytes)

@@ -44,7 +44,6 @@ per iteration, validation points as markers), one log per run (the ranks' stdout
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -121,26 +120,6 @@ def ensure_data(data_dir: str) -> tuple[str, str]:
             print(f"[bench] {path} missing: {' '.join(cmd)}", flush=True)
             subprocess.run(cmd, check=True, cwd=ROOT)
     return prefix, prefix + ".model"
-
-
-@contextlib.contextmanager
-def redirect_fds(path: str):
-    """Send this process's fd 1/2 (inherited by the spawned ranks) to a log file."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(path, "ab", buffering=0) as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
 
 
 _SYNC_RE = re.compile(r"local-sgd sync \| iteration\s+(\d+) \|.*?pseudo-grad norm: (\S+) \| anomalous workers: ([^|]*)\|")
@@ -288,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tool_start = time.perf_counter()
     prefix, tokenizer = ensure_data(a.data_dir)
 
-    from megatron_edit.training.launch import spawn_training
+    from megatron_edit.training.launch import redirect_fds, spawn_training
 
     base = common_args(a, prefix, tokenizer)
     worker, scale, prob = a.corrupt_spec.split(":")

@@ -31,7 +31,6 @@ to interleave several rounds (samples of all rounds are pooled).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
@@ -70,26 +69,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--extra-args", default="", help="more training flags for every run (one string)")
     return p.parse_args(argv)
-
-
-@contextlib.contextmanager
-def redirect_fds(path: str):
-    """Send this process's fd 1/2 (inherited by the spawned ranks) to a log file."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(path, "ab", buffering=0) as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
 
 
 def common_args(a: argparse.Namespace) -> list[str]:
@@ -169,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(a.output_dir, exist_ok=True)
     tool_start = time.perf_counter()
 
-    from megatron_edit.training.launch import spawn_training
+    from megatron_edit.training.launch import redirect_fds, spawn_training
 
     base = common_args(a)
     samples = {m: {"non_sync": [], "sync": [], "after_sync": [], "pairs": []} for m in methods}

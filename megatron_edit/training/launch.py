@@ -6,8 +6,10 @@ and local-SGD byte counts; optionally its full (gathered) parameters by global n
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
+import sys
 import socket
 import tempfile
 import time
@@ -110,3 +112,23 @@ def loss_curve(results: list[dict]) -> list[float]:
 
 def validation_curve(results: list[dict]) -> list[tuple[int, float]]:
     return next(r["validation"] for r in results if r["last_stage"])
+
+
+@contextlib.contextmanager
+def redirect_fds(path: str):
+    """Send this process's fd 1/2 (inherited by the spawned ranks) to a log file."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab", buffering=0) as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])

@@ -11,7 +11,6 @@ import os
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from functools import partial
 from typing import Optional, Sequence
 
