@@ -58,7 +58,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-METHODS = ("sync", "diloco", "edit", "diloco-corrupt", "edit-corrupt")
+METHODS = ("sync", "diloco", "edit", "diloco-corrupt", "edit-corrupt", "streaming")
+DEFAULT_METHODS = ("sync", "diloco", "edit", "diloco-corrupt", "edit-corrupt")
 VOCAB = 1024
 
 
@@ -66,7 +67,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output-dir", default=os.path.join("runs", "bench_convergence"))
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (streaming: P=2, tau=1, fp4-e3m0 wire)")
     p.add_argument("--nproc", type=int, default=4, help="ranks (= DP size = workers)")
     p.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
     p.add_argument("--train-iters", type=int, default=192)
@@ -186,6 +188,8 @@ def method_args(method: str, a: argparse.Namespace) -> list[str]:
             "--local-sgd-sync-interval", str(a.sync_interval), "--local-sgd-warmup-iters", str(a.warmup_iters)]
     if corrupt:
         args += ["--local-sgd-debug-corrupt-worker", a.corrupt_spec]
+    if base == "streaming":
+        args += ["--streaming-fragments", "2", "--streaming-overlap-steps", "1", "--outer-grad-dtype", "fp4-e3m0"]
     return args
 
 

@@ -7,7 +7,6 @@ Nothing here reimplements megatron-core: it maps Megatron-LM flag names onto ``T
 from __future__ import annotations
 
 import zlib
-from typing import Optional
 
 import torch
 
@@ -264,7 +263,3 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     while hasattr(module, "module"):
         module = module.module
     return module
-
-
-def optional_int(x) -> Optional[int]:
-    return None if x is None else int(x)
