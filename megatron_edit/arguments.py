@@ -263,6 +263,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         _fail(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     if args.save_interval is not None and args.save is None:
         _fail("--save-interval needs --save")
+    if args.save is not None or args.load is not None:
+        _fail(f"{'--save' if args.save is not None else '--load'}: checkpointing is not implemented in this "
+              "release (nothing would be saved or loaded); run without it")
     # Data and tokenizer.
     if args.tokenizer_type is None:
         _fail(f"--tokenizer-type is required (one of {', '.join(TOKENIZER_TYPES)})")
@@ -289,8 +292,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if (not split_values or len(split_values) > 3 or any(not (math.isfinite(v) and v >= 0) for v in split_values)
             or sum(split_values) <= 0):
         _fail(f"--split {args.split!r} must be up to three non-negative weights like 969,30,1")
-    if (args.load or args.save) and args.local_sgd is not None:
-        pass  # local-SGD checkpoints: outer state is saved alongside (see checkpointing)
 
 
 def parse_and_validate(

@@ -359,3 +359,15 @@ def test_entry_script_bad_flags_exit_2_with_one_line():
     assert "--local-sgd-workers 3 does not divide the data-parallel size 4" in lines[0]
     assert proc.stdout == ""
     assert elapsed < 60
+
+
+def test_checkpoint_flags_fail_until_implemented():
+    """--save/--load must not be silently ignored."""
+    from megatron_edit.arguments import FlagError, parse_and_validate
+
+    base = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "64", "--num-layers", "2",
+            "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "1",
+            "--train-iters", "1", "--lr", "1e-3"]
+    for flag in ("--save", "--load"):
+        with pytest.raises(FlagError, match=f"^{flag}: checkpointing is not implemented"):
+            parse_and_validate(base + [flag, "/tmp/ckpt"], world_size=1)
