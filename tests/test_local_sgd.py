@@ -152,3 +152,15 @@ def test_diloco_leaves_out_a_nonfinite_worker():
     assert after_sync[-1] < after_sync[0] - 0.3
     for r in results:
         assert all(torch.isfinite(p).all() for p in r["params"].values())
+
+
+def test_bf16_edit_with_distributed_optimizer():
+    """bf16 model (Float16Module, bf16 param buffer) with fp32 main shards: EDiT trains and every worker
+    holds the same params after the final sync (iteration 6, H=3)."""
+    results = run_training(TINY_MODEL + ["--global-batch-size", "8", "--train-iters", "6", "--lr", "3e-3", "--bf16",
+                                         "--local-sgd", "edit", "--local-sgd-workers", "2",
+                                         "--local-sgd-sync-interval", "3"] + DIST_OPT, 2)
+    curve = losses(results)
+    assert curve[-1] < curve[0] - 0.1
+    for name in results[0]["params"]:
+        assert torch.equal(results[0]["params"][name], results[1]["params"][name]), name

@@ -192,6 +192,12 @@ def wrap_ddp(args, config, chunks, topology: WorkerTopology):
 
     pgc = worker_process_groups(topology)
     ddp_config = build_ddp_config(args)
+    if args.bf16:
+        # As Megatron-LM does: Float16Module casts the inputs (and the loss back to fp32) around the
+        # bf16 model; without it the first matmul sees fp32 activations and bf16 weights.
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
     wrapped = []
     for i, chunk in enumerate(chunks):
         wrapped.append(
