@@ -78,8 +78,10 @@ class MicroBatches:
         return self
 
     def __next__(self) -> dict:
-        start = (self.batch * self.global_batch_size + self._micro * self.mbs * self.dp_size
-                 + self.dp_rank * self.mbs)
+        # Each data-parallel rank reads a contiguous block of the global batch, so a worker (a contiguous
+        # block of data-parallel ranks) reads the same samples whatever its TP / PP / intra-worker layout.
+        start = (self.batch * self.global_batch_size + self.dp_rank * self.mbs * self.num_microbatches
+                 + self._micro * self.mbs)
         idx = [(start + i) % len(self.dataset) for i in range(self.mbs)]
         samples = [self.dataset[i] for i in idx]
         self._micro += 1
