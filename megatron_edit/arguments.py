@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--save", type=str, default=None)
     log.add_argument("--load", type=str, default=None)
     log.add_argument("--save-interval", type=int, default=None)
+    log.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
+    log.add_argument("--ckpt-step", type=int, default=None)
+    log.add_argument("--no-load-optim", action="store_true")
+    log.add_argument("--no-load-rng", action="store_true")
     add_local_sgd_args(p)
     return p
 
@@ -263,9 +267,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         _fail(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     if args.save_interval is not None and args.save is None:
         _fail("--save-interval needs --save")
-    if args.save is not None or args.load is not None:
-        _fail(f"{'--save' if args.save is not None else '--load'}: checkpointing is not implemented in this "
-              "release (nothing would be saved or loaded); run without it")
+    if args.save_interval is not None and args.save_interval < 1:
+        _fail(f"--save-interval {args.save_interval} must be >= 1")
+    if args.load is not None and not os.path.isdir(args.load):
+        _fail(f"--load {args.load}: no such directory")
+    if args.ckpt_step is not None and args.load is None:
+        _fail("--ckpt-step needs --load")
+    if args.save is not None and os.path.exists(args.save) and not os.path.isdir(args.save):
+        _fail(f"--save {args.save}: exists and is not a directory")
     # Data and tokenizer.
     if args.tokenizer_type is None:
         _fail(f"--tokenizer-type is required (one of {', '.join(TOKENIZER_TYPES)})")

@@ -109,6 +109,7 @@ class _Unit:
     name: str = "all"
     bucket_group: object = None
     error_feedback: Optional[ErrorFeedback] = None
+    skip: Optional[torch.Tensor] = None  # [L] layers whose outer step this sync skips (all-anomalous)
 
     @property
     def numel(self) -> int:
@@ -329,6 +330,7 @@ class LocalSGD:
         self.bytes_sent_total += sent
         for i in indices:
             self.units[i].pending = True
+            self.units[i].skip = self._skip  # per unit: streaming fragments in flight outlive the next sync
         if self.cfg.layerwise:
             if self.units:
                 self._launch_unit(0)  # the rest is launched one ahead, inside the next forward
@@ -471,7 +473,7 @@ class LocalSGD:
             anchor = s.anchor.to(s.main.device, non_blocking=True)
             momentum = s.momentum.to(s.main.device, non_blocking=True) if s.momentum is not None else None
             outer_step(anchor, momentum, pseudo_grad, cfg.outer_optimizer, cfg.outer_lr, cfg.outer_momentum,
-                       skip=self._skip[s.key].expand(anchor.shape))
+                       skip=unit.skip[s.key].expand(anchor.shape))
             if anchor is not s.anchor:
                 s.anchor.copy_(anchor)
                 if momentum is not None:
@@ -505,8 +507,14 @@ class LocalSGD:
             if unit.pending:
                 self._finish_unit(index)
 
+    def complete_in_flight(self) -> None:
+        """Wait for the collectives of streaming fragments in flight (before a checkpoint): their
+        reduced pseudo-gradients are then saved; the outer step and merge still happen at their own
+        iteration, so the run continues exactly as without the save."""
+        for index, unit in enumerate(self.units):
+            if unit.launched and unit.handle is not None:
+                self._wait_unit(index)
+
     def outer_state_bytes(self) -> int:
         return outer_state_bytes(self.shards)
 
-    def state_dict(self) -> dict:
-        return {"stats": self.stats.state_dict(), "bytes_sent_total": self.bytes_sent_total}

@@ -7,7 +7,7 @@ private or undocumented and may move between releases, so each accessor says wha
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Optional
 
 SUPPORTED_MCORE = ((0, 16, 1), (0, 17, 0))  # [min, max) checked
 SUPPORTED_MCORE_TEXT = ">=0.16.1,<0.17"
@@ -126,3 +126,69 @@ def grad_shards_for_sync(ddp_module: Any, distributed_optimizer: bool) -> list:
             else:
                 out.append(bucket.grad_data)
     return out
+
+
+def init_torch_adam_state(optimizer: Any) -> None:
+    """Give a fresh torch Adam/AdamW (inside megatron-core's optimizers) its state before a checkpoint
+    load: the distributed optimizer's ``state_dict()`` asserts one shared ``step`` (0.16.1), which a
+    fresh torch Adam does not have yet; zeros are overwritten by the load."""
+    import torch
+
+    for opt in sub_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def inner_optimizer_step(optimizer: Any) -> Optional[float]:
+    """The shared torch-Adam ``step`` of the inner optimizer (None for SGD or before the first step)."""
+    for opt in sub_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if "step" in state:
+                return float(state["step"])
+    return None
+
+
+def set_inner_optimizer_step(optimizer: Any, step: float) -> None:
+    """One ``step`` tensor per parameter again after a load. DistributedOptimizer.load_state_dict
+    (0.16.1) puts the *same* tensor object into every parameter's state, and torch's single-tensor Adam
+    increments it in place once per parameter, so the bias correction would run ahead after a resume."""
+    import torch
+
+    for opt in sub_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def patch_fully_reshardable_load(optimizer: Any) -> None:
+    """DistributedOptimizer._set_main_param_and_optimizer_states (0.16.1) copies every key of the torch
+    optimizer's state from the loaded tensors, ``step`` included, which the ``fully_reshardable`` loader
+    never provides (KeyError 'step' with torch Adam). Keep the current step for that key; the step
+    itself is restored from the param groups (and set_inner_optimizer_step)."""
+    for opt in sub_optimizers(optimizer):
+        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if original is None or getattr(original, "_megatron_edit_patched", False):
+            continue
+
+        def set_states(model_param, tensors, _opt=opt, _original=original):
+            if "step" not in tensors and not _opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+                group_index, group_order = _opt.model_param_group_index_map[model_param]
+                main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+                step = _opt.optimizer.state[main_param].get("step")
+                if step is not None:
+                    tensors = {**tensors, "step": step}
+            return _original(model_param, tensors)
+
+        set_states._megatron_edit_patched = True
+        opt._set_main_param_and_optimizer_states = set_states
+

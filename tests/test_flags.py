@@ -361,13 +361,23 @@ def test_entry_script_bad_flags_exit_2_with_one_line():
     assert elapsed < 60
 
 
-def test_checkpoint_flags_fail_until_implemented():
-    """--save/--load must not be silently ignored."""
+def test_checkpoint_flags_are_checked_before_start(tmp_path):
     from megatron_edit.arguments import FlagError, parse_and_validate
 
     base = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "64", "--num-layers", "2",
             "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "1",
             "--train-iters", "1", "--lr", "1e-3"]
-    for flag in ("--save", "--load"):
-        with pytest.raises(FlagError, match=f"^{flag}: checkpointing is not implemented"):
-            parse_and_validate(base + [flag, "/tmp/ckpt"], world_size=1)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [
+        (["--load", str(tmp_path / "missing")], "^--load .*missing: no such directory"),
+        (["--save", str(a_file)], "^--save .*file: exists and is not a directory"),
+        (["--save-interval", "5"], "^--save-interval needs --save"),
+        (["--save", str(tmp_path), "--save-interval", "0"], "^--save-interval 0 must be >= 1"),
+        (["--ckpt-format", "torch"], "--ckpt-format"),
+    ]
+    for extra, pattern in cases:
+        with pytest.raises(FlagError, match=pattern):
+            parse_and_validate(base + extra, world_size=1)
+    args, _ = parse_and_validate(base + ["--save", str(tmp_path), "--load", str(tmp_path)], world_size=1)
+    assert args.save == args.load == str(tmp_path) and args.ckpt_format == "torch_dist"

@@ -79,7 +79,7 @@ class Trainer:
         from megatron_edit.data.tokenizer import build_tokenizer
         from megatron_edit.topology import build_worker_topology, initialize_parallel_state
         from megatron_edit.training import model as model_lib
-        from megatron_edit.training.data import MicroBatches, build_datasets
+        from megatron_edit.training.data import build_datasets
 
         self.args = args
         num_workers = local_sgd_cfg.num_workers(args.data_parallel_size) if local_sgd_cfg else 1
@@ -113,9 +113,8 @@ class Trainer:
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
 
         train, valid, _ = build_datasets(args, self.tokenizer, vocab)
-        dp_rank, dp_size = self.topology.data_parallel_rank, self.topology.data_parallel_size
-        self.train_data = self._iterators(
-            lambda: MicroBatches(train, args.micro_batch_size, self.num_microbatches, dp_rank, dp_size))
+        self.train_dataset = train
+        self.restart_data(0)
         self.valid_dataset = valid
         self.iteration = 0
         self.consumed_samples = 0
@@ -133,6 +132,11 @@ class Trainer:
         # A-EDiT: workers step at their own pace, so per-step collectives stay inside the worker.
         self.asynchronous = local_sgd_cfg is not None and local_sgd_cfg.method == "a-edit"
         self.loss_group = self.topology.intra_dp_group if self.asynchronous else self.dp_group
+        self.last_saved_iteration: Optional[int] = None
+        if args.load is not None:
+            from megatron_edit.checkpoint.save_load import load_checkpoint
+
+            self.last_saved_iteration = load_checkpoint(self)
         self.tensorboard = TensorBoard(args.tensorboard_dir if dist.get_rank() == dist.get_world_size() - 1 else None)
         print_rank_0(
             f" > megatron_edit: world {dist.get_world_size()} = TP {args.tensor_model_parallel_size} x PP "
@@ -140,6 +144,15 @@ class Trainer:
             f"parameters on rank 0: {model_lib.count_parameters(self.model)}; method "
             f"{local_sgd_cfg.method if local_sgd_cfg else 'synchronous'}"
         )
+
+    def restart_data(self, batch: int) -> None:
+        """Training data from global batch ``batch`` on (the data position is the iteration)."""
+        from megatron_edit.training.data import MicroBatches
+
+        dp_rank, dp_size = self.topology.data_parallel_rank, self.topology.data_parallel_size
+        self.train_data = self._iterators(lambda: MicroBatches(
+            self.train_dataset, self.args.micro_batch_size, self.num_microbatches, dp_rank, dp_size,
+            start_batch=batch))
 
     def _iterators(self, make_batches):
         """One iterator per virtual-pipeline chunk: each chunk must read the same microbatch sequence
@@ -209,10 +222,26 @@ class Trainer:
                 losses.append(loss)
         for chunk in self.model:
             chunk.train()
+        self.resume_param_hooks()
+        return sum(losses) / len(losses) if losses else None
+
+    def resume_param_hooks(self) -> None:
+        """Undo sync_params_for_reading: the forward pre-hooks gather params again."""
         if self.args.overlap_param_gather:
             for chunk in self.model:
                 chunk.enable_forward_pre_hook()
-        return sum(losses) / len(losses) if losses else None
+
+    def save_due(self, report) -> bool:
+        """Megatron-LM's --save-interval. A-EDiT saves at the first sync at or after each interval
+        (in agreed steps): only at a sync are all workers at the same point."""
+        if self.args.save is None or not self.args.save_interval:
+            return False
+        from megatron_edit.checkpoint.save_load import checkpoint_iteration
+
+        if self.asynchronous and self.iteration > self.local_sgd.cfg.warmup_iters and report is None:
+            return False
+        interval = self.args.save_interval
+        return checkpoint_iteration(self) // interval > (self.last_saved_iteration or 0) // interval
 
     def sync_params_for_reading(self) -> None:
         """Make every rank's full params current (pending layer-wise outer updates included): with
@@ -275,10 +304,25 @@ class Trainer:
             # A-EDiT evaluates at the end only: a periodic eval would need every worker at the same step.
             if self.iteration % args.eval_interval == 0 and not self.finished() and not self.asynchronous:
                 self.log_validation()
+            if self.save_due(report):
+                self.save()
         self.log_validation()
+        if args.save is not None:
+            from megatron_edit.checkpoint.save_load import checkpoint_iteration
+
+            if self.last_saved_iteration != checkpoint_iteration(self):
+                self.save()
         self.sync_params_for_reading()
         self.tensorboard.close()
         return history
+
+
+    def save(self) -> None:
+        from megatron_edit.checkpoint.save_load import save_checkpoint
+
+        start = time.perf_counter()
+        path = save_checkpoint(self)
+        print_rank_0(f" > saved checkpoint {path} in {(time.perf_counter() - start) * 1000.0:.1f} ms")
 
 
 def init_distributed(args) -> None:
@@ -298,13 +342,14 @@ def build_trainer(argv: Optional[Sequence[str]] = None) -> Trainer:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     from megatron_edit import cpu_compat
+    from megatron_edit.checkpoint.files import CheckpointError
     from megatron_edit.data.errors import DataError
 
     cpu_compat.activate(True if args.force_cpu else None)
     init_distributed(args)
     try:
         return Trainer(args, local_sgd_cfg)
-    except DataError as e:  # raised identically on every rank (validation before training)
+    except (DataError, CheckpointError) as e:  # raised identically on every rank
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 

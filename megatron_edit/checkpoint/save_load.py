@@ -1,0 +1,437 @@
+"""Save and load a whole training run with megatron-core dist_checkpointing (torch_dist).
+
+One checkpoint holds:
+- common (``common.pt``, rank 0): args, iteration, LR scheduler, the inner optimizers' param groups and
+  ``megatron_edit``: method, number of workers, layout, penalty statistics, streaming fragments in flight,
+  A-EDiT's agreed sample count, the fault-injection generator;
+- every worker's model and inner optimizer (``fully_reshardable``: model space), keyed per worker
+  (worker_keys.py);
+- the outer state ``local_sgd.anchor.<key>`` / ``local_sgd.momentum.<key>``, the reduced pseudo-gradients
+  of streaming fragments in flight ``local_sgd.inflight.<key>`` and the error-feedback residuals (per
+  worker), all in model space (model_space.py), so they reshard like the weights;
+- ``megatron_edit.progress`` per worker (iteration = data position, consumed samples, Adam's step) and
+  ``megatron_edit.rank_state`` per rank (RNG states, byte counters), loaded only by the same layout.
+
+Saving is collective, happens after an iteration's optimizer step and outer sync, first lands pending
+layer-wise updates (as Megatron-LM's disable_forward_pre_hook(param_sync=True) does) and completes the
+collectives of fragments in flight (their results are saved; the merge still happens at its iteration).
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_edit import mcore_adapter
+from megatron_edit.checkpoint import files
+from megatron_edit.checkpoint.model_space import from_model_space, sharded_entries, to_model_space
+from megatron_edit.checkpoint.worker_keys import rekey_for_worker, source_worker
+
+FORMAT = 1
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+@dataclass
+class Plan:
+    """What a save writes, or what a load asks for (decided from the saved metadata)."""
+
+    worker: int  # whose keys: the own worker (save) or the saved worker continued from (load)
+    saved_workers: int = 1
+    optimizer: bool = True
+    outer_state: bool = False
+    momentum: bool = False
+    inflight_units: tuple = ()
+    error_feedback_units: tuple = ()
+    same_layout: bool = True
+
+
+def _layout(trainer) -> dict:
+    a = trainer.args
+    return {"tp": a.tensor_model_parallel_size, "pp": a.pipeline_model_parallel_size,
+            "dp": a.data_parallel_size, "chunks": len(trainer.model), "workers": trainer.topology.num_workers}
+
+
+def _ranks(trainer) -> tuple[int, int, int, int]:
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+            trainer.topology.data_parallel_rank, trainer.topology.intra_dp_group.rank())
+
+
+def checkpoint_iteration(trainer) -> int:
+    """The directory's iteration: the agreed step count for A-EDiT (workers' own counts differ)."""
+    ls = trainer.local_sgd
+    if ls is not None and ls.async_ctl is not None and trainer.iteration > ls.cfg.warmup_iters:
+        return ls.async_ctl.agreed_samples // trainer.args.global_batch_size
+    return trainer.iteration
+
+
+# ---------------------------------------------------------------- what goes where
+def _model_sharded_state_dict(trainer) -> dict:
+    if len(trainer.model) == 1:
+        return {"model": trainer.model[0].module.sharded_state_dict()}
+    return {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(trainer.model)}
+
+
+def _unit_values(ls, units: tuple, tensor_of_unit) -> list[torch.Tensor]:
+    """Per shard, its slice of a flat per-unit tensor (reduced deltas in flight, error-feedback
+    residuals); zeros for shards of other units. Always the whole model: a stacked layer key
+    (``decoder.layers.*``) must be covered completely, and zeros are what those units hold in effect
+    (no delta in flight; a residual of zero)."""
+    by_shard = {}
+    for index in units:
+        unit = ls.units[index]
+        flat = tensor_of_unit(unit)
+        offset = 0
+        for s in unit.shards:
+            n = s.main.numel()
+            by_shard[id(s)] = flat[offset:offset + n]
+            offset += n
+    return [by_shard.get(id(s), torch.zeros(s.main.numel())) for s in ls.shards]
+
+
+def _residual(unit) -> torch.Tensor:
+    residual = unit.error_feedback.residual
+    return residual if residual is not None else torch.zeros(unit.numel)
+
+
+def _outer_values(trainer, plan: Plan, is_loading: bool) -> dict[str, tuple[dict, bool]]:
+    """{name: ({param: full tensor}, kept per worker?)}: the local-SGD tensors in model space. Loading
+    only needs the shapes: every param of the stage gets a buffer."""
+    from megatron_edit.checkpoint.model_space import ordered_params
+
+    ls = trainer.local_sgd
+    names = []
+    if plan.outer_state:
+        names.append("anchor")
+        if plan.momentum:
+            names.append("momentum")
+    if plan.inflight_units:
+        names.append("inflight")
+    if plan.error_feedback_units:
+        names.append("error_feedback")
+    per_worker = {"error_feedback"}
+    if is_loading:
+        params = ordered_params(trainer.model)
+        return {n: ({p: torch.zeros(p.shape, dtype=torch.float32) for p in params}, n in per_worker)
+                for n in names}
+    values = {
+        "anchor": lambda: [s.anchor for s in ls.shards],
+        "momentum": lambda: [s.momentum for s in ls.shards],
+        "inflight": lambda: _unit_values(ls, plan.inflight_units, lambda u: u.combined),
+        "error_feedback": lambda: _unit_values(ls, plan.error_feedback_units, _residual),
+    }
+    return {n: (to_model_space(trainer.model, ls.shards, values[n](), trainer.topology.intra_dp_group,
+                               ls.distributed_optimizer), n in per_worker) for n in names}
+
+
+def build_state_dict(trainer, plan: Plan, is_loading: bool) -> tuple[dict, dict]:
+    """(sharded state dict for dist_checkpointing, {name: {index: param}} to map loaded tensors back)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    topo = trainer.topology
+    pp_rank, tp_rank, dp_rank, intra = _ranks(trainer)
+    layout = _layout(trainer)
+    model_sd = _model_sharded_state_dict(trainer)
+
+    # Local-SGD tensors first: they copy the weights' metadata before it is re-keyed per worker.
+    local: dict = {}
+    params_of: dict = {}
+    if trainer.local_sgd is not None:
+        for name, (values, per_worker) in _outer_values(trainer, plan, is_loading).items():
+            entries = sharded_entries(model_sd, values, name)
+            params_of[name] = {k: p for k, (p, _) in entries.items()}
+            local[name] = {k: sh for k, (_, sh) in entries.items()}
+            if per_worker:
+                rekey_for_worker(local[name], plan.worker, intra)
+
+    per_worker_sd = dict(model_sd)
+    if plan.optimizer:
+        if is_loading:
+            mcore_adapter.init_torch_adam_state(trainer.optimizer)
+        per_worker_sd["optimizer"] = trainer.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=dict(OPTIMIZER_METADATA))
+    rekey_for_worker(per_worker_sd, plan.worker, intra)
+
+    sd = dict(per_worker_sd)
+    sd["local_sgd"] = local
+    progress = None if is_loading else {
+        "iteration": trainer.iteration,
+        "consumed_samples": trainer.consumed_samples,
+        "optimizer_step": mcore_adapter.inner_optimizer_step(trainer.optimizer),
+    }
+    sd["progress"] = ShardedObject("megatron_edit.progress", progress, (plan.saved_workers if is_loading
+                                                                         else topo.num_workers,),
+                                   (plan.worker,), replica_id=(pp_rank, tp_rank, intra))
+    if plan.same_layout:
+        rank_state = None if is_loading else _rank_state(trainer)
+        sd["rank_state"] = ShardedObject("megatron_edit.rank_state", rank_state,
+                                         (layout["pp"], layout["tp"], layout["dp"]), (pp_rank, tp_rank, dp_rank),
+                                         replica_id=0)
+    if not is_loading:
+        sd.update(_common(trainer, plan))
+    return sd, params_of
+
+
+def _rank_state(trainer) -> dict:
+    from megatron.core import tensor_parallel
+
+    ls = trainer.local_sgd
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+        "bytes_sent_total": ls.bytes_sent_total if ls else 0,
+        "bytes_sent_measured": ls.bytes_sent_measured if ls else 0,
+    }
+
+
+def _common(trainer, plan: Plan) -> dict:
+    ls = trainer.local_sgd
+    meta = {"format": FORMAT, "method": ls.cfg.method if ls else None, "layout": _layout(trainer),
+            "num_workers": trainer.topology.num_workers, "optimizer": plan.optimizer,
+            "outer_state": plan.outer_state, "momentum": plan.momentum}
+    if ls is not None:
+        meta.update(
+            penalty_stats={k: v.detach().cpu() for k, v in ls.stats.state_dict().items()},
+            inflight=[{"unit": i, "name": ls.units[i].name, "advanced": ls.units[i].advanced,
+                       "skip": ls.units[i].skip.detach().cpu()} for i in plan.inflight_units],
+            error_feedback_units=list(plan.error_feedback_units),
+            units=[u.name for u in ls.units],
+            schedule=_schedule_signature(ls),
+            corrupt_generator=ls._corrupt_gen.get_state(),
+            agreed_samples=ls.async_ctl.agreed_samples if ls.async_ctl is not None else None,
+        )
+    return {
+        "checkpoint_version": 3.0,
+        "iteration": checkpoint_iteration(trainer),
+        "args": trainer.args,
+        "opt_param_scheduler": trainer.scheduler.state_dict(),
+        "megatron_edit": meta,
+    }
+
+
+def _schedule_signature(ls) -> dict:
+    c = ls.cfg
+    return {"method": c.method, "sync_interval": c.sync_interval, "warmup_iters": c.warmup_iters,
+            "fragments": len(ls.units) if ls.streaming else None, "pattern": c.streaming_pattern,
+            "overlap": c.streaming_overlap_steps, "layerwise": c.layerwise}
+
+
+# ---------------------------------------------------------------- save
+def _distributed_verify(directory: str) -> None:
+    """Every rank checks a share of the files against the manifest; all ranks raise the same error."""
+    manifest = files.read_manifest(directory)
+    if manifest is None:
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    error = None
+    try:
+        files.verify_files(directory, manifest, sorted(manifest)[rank::world])
+    except files.CheckpointError as e:
+        error = str(e)
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise files.CheckpointError(first)
+
+
+def save_checkpoint(trainer) -> str:
+    """Collective. Writes <save>/iter_N atomically (files.py) and returns its path."""
+    from megatron.core import dist_checkpointing
+
+    root = trainer.args.save
+    iteration = checkpoint_iteration(trainer)
+    ls = trainer.local_sgd
+    trainer.sync_params_for_reading()
+    plan = Plan(worker=trainer.topology.worker_index, saved_workers=trainer.topology.num_workers)
+    if ls is not None:
+        ls.complete_in_flight()
+        plan.outer_state = bool(ls.shards) and ls.shards[0].anchor is not None
+        plan.outer_state = _all_agree(plan.outer_state)
+        plan.momentum = plan.outer_state and ls.with_momentum
+        plan.inflight_units = tuple(i for i, u in enumerate(ls.units) if u.launched and u.combined is not None)
+        plan.error_feedback_units = tuple(i for i, u in enumerate(ls.units)
+                                          if u.error_feedback is not None and u.error_feedback.residual is not None)
+        plan.error_feedback_units = tuple(range(len(ls.units))) if _all_agree(bool(plan.error_feedback_units)) \
+            else ()
+    if dist.get_rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        files.prepare_partial(root, iteration)
+    dist.barrier()
+    partial = files.partial_dir(root, iteration)
+    sd, _ = build_state_dict(trainer, plan, is_loading=False)
+    dist_checkpointing.save(sd, partial, validate_access_integrity=True)
+    dist.barrier()
+    names = files.checkpoint_files(partial)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {n: files.digest(os.path.join(partial, n)) for n in names[rank::world]}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        digests = {}
+        for part in gathered:
+            digests.update(part)
+        files.write_manifest(partial, digests)
+        files.publish(root, iteration)
+    dist.barrier()
+    trainer.resume_param_hooks()
+    trainer.last_saved_iteration = iteration
+    return files.iteration_dir(root, iteration)
+
+
+def _all_agree(flag: bool) -> bool:
+    """A stage with no shards (e.g. no params on this rank) must not disagree on what is saved."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+# ---------------------------------------------------------------- load
+def load_checkpoint(trainer) -> Optional[int]:
+    """Collective. Loads the latest checkpoint under --load into the built trainer; returns its
+    iteration, or None when the directory holds no checkpoint yet (training starts from scratch)."""
+    from megatron.core import dist_checkpointing
+
+    args = trainer.args
+    iteration = files.read_tracker(args.load)
+    if args.ckpt_step is not None:
+        iteration = args.ckpt_step
+        if not os.path.isdir(files.iteration_dir(args.load, iteration)):
+            raise files.CheckpointError(f"--ckpt-step {iteration}: {files.iteration_dir(args.load, iteration)} "
+                                        "does not exist")
+    if iteration is None:
+        if dist.get_rank() == 0:
+            print(f" > no checkpoint found in {args.load} ({files.TRACKER} missing); training from scratch",
+                  flush=True)
+        return None
+    directory = files.iteration_dir(args.load, iteration)
+    _distributed_verify(directory)
+    try:
+        common = dist_checkpointing.load_common_state_dict(directory)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a broken file
+        raise files.CheckpointError(f"{os.path.join(directory, 'common.pt')}: cannot be read ({e})") from None
+    meta = common.get("megatron_edit", {})
+    plan = _load_plan(trainer, meta, args)
+    sd, params_of = build_state_dict(trainer, plan, is_loading=True)
+    try:
+        # Not every saved shard is read (fewer workers, another layout): no access-integrity check.
+        loaded = dist_checkpointing.load(sd, directory, validate_access_integrity=False)
+    except Exception as e:  # noqa: BLE001 - name the checkpoint, keep the cause
+        raise files.CheckpointError(f"{directory}: {type(e).__name__}: {e}") from e
+    _apply(trainer, plan, meta, common, loaded, params_of)
+    if dist.get_rank() == 0:
+        saved = meta.get("num_workers", 1)
+        note = "" if saved == trainer.topology.num_workers else (
+            f"; {saved} saved workers -> {trainer.topology.num_workers}: worker w continues from saved worker "
+            f"w mod {saved}")
+        print(f" > loaded checkpoint {directory} (iteration {iteration}{note})", flush=True)
+    return iteration
+
+
+def _load_plan(trainer, meta: dict, args) -> Plan:
+    ls = trainer.local_sgd
+    saved_workers = int(meta.get("num_workers", 1))
+    same_layout = meta.get("layout") == _layout(trainer)
+    plan = Plan(worker=source_worker(trainer.topology.worker_index, saved_workers), saved_workers=saved_workers,
+                optimizer=bool(meta.get("optimizer", True)) and not args.no_load_optim,
+                same_layout=same_layout and not args.no_load_rng)
+    if ls is None:
+        return plan
+    plan.outer_state = bool(meta.get("outer_state"))
+    plan.momentum = plan.outer_state and bool(meta.get("momentum")) and ls.with_momentum
+    if meta.get("inflight"):
+        if meta.get("schedule") != _schedule_signature(ls) or meta.get("units") != [u.name for u in ls.units]:
+            raise files.CheckpointError(
+                f"--load {args.load}: the checkpoint has streaming fragments in flight "
+                f"({', '.join(str(u['name']) for u in meta['inflight'])}) and was saved with a different "
+                f"sync schedule ({meta.get('schedule')}); resume with the same --local-sgd schedule flags")
+        plan.inflight_units = tuple(u["unit"] for u in meta["inflight"])
+    if meta.get("error_feedback_units") and ls.cfg.outer_grad_error_feedback \
+            and meta.get("units") == [u.name for u in ls.units]:
+        plan.error_feedback_units = tuple(meta["error_feedback_units"])
+    return plan
+
+
+def _apply(trainer, plan: Plan, meta: dict, common: dict, loaded: dict, params_of: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    for key in [k for k in loaded if k.startswith("model")]:
+        index = 0 if key == "model" else int(key[len("model"):])
+        trainer.model[index].module.load_state_dict(loaded[key], strict=True)
+    progress = loaded["progress"]
+    if plan.optimizer:
+        mcore_adapter.patch_fully_reshardable_load(trainer.optimizer)
+        trainer.optimizer.load_state_dict(loaded["optimizer"])
+        if progress.get("optimizer_step") is not None:
+            mcore_adapter.set_inner_optimizer_step(trainer.optimizer, progress["optimizer_step"])
+    else:
+        trainer.optimizer.reload_model_params()
+    trainer.scheduler.load_state_dict(common["opt_param_scheduler"])
+    trainer.iteration = int(progress["iteration"])
+    trainer.consumed_samples = int(progress["consumed_samples"])
+    if "rank_state" in loaded:
+        state = loaded["rank_state"]
+        random.setstate(state["random"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    ls = trainer.local_sgd
+    if ls is not None:
+        _apply_local_sgd(trainer, ls, plan, meta, loaded, params_of, loaded.get("rank_state"))
+    trainer.restart_data(trainer.iteration)
+
+
+def _apply_local_sgd(trainer, ls, plan: Plan, meta: dict, loaded: dict, params_of: dict, rank_state) -> None:
+    from megatron_edit.outer_state import init_outer_state
+
+    def shard_values(name):
+        full = {params_of[name][k]: t for k, t in loaded["local_sgd"][name].items()}
+        return from_model_space(ls.shards, full)
+
+    past_warmup = trainer.iteration >= ls.cfg.warmup_iters
+    if past_warmup and (ls.shards and ls.shards[0].anchor is None or plan.outer_state):
+        init_outer_state(ls.shards, ls.with_momentum, ls.cfg.offload_outer_state)
+    if plan.outer_state:
+        for s, value in zip(ls.shards, shard_values("anchor")):
+            s.anchor.copy_(value.view_as(s.anchor))
+        if plan.momentum:
+            for s, value in zip(ls.shards, shard_values("momentum")):
+                s.momentum.copy_(value.view_as(s.momentum))
+    elif past_warmup and dist.get_rank() == 0:
+        print(" > the checkpoint has no outer state: the anchor starts from the loaded parameters", flush=True)
+    if meta.get("penalty_stats") is not None:
+        ls.stats.load_state_dict({k: v.to(ls.device) for k, v in meta["penalty_stats"].items()})
+    if meta.get("corrupt_generator") is not None:
+        ls._corrupt_gen.set_state(meta["corrupt_generator"])
+    if rank_state is not None:
+        ls.bytes_sent_total = rank_state["bytes_sent_total"]
+        ls.bytes_sent_measured = rank_state["bytes_sent_measured"]
+    if plan.inflight_units:
+        values = shard_values("inflight")
+        by_shard = {id(s): v for s, v in zip(ls.shards, values)}
+        for record in meta["inflight"]:
+            unit = ls.units[record["unit"]]
+            parts = [by_shard[id(s)].reshape(-1) for s in unit.shards]
+            unit.combined = (torch.cat(parts) if parts else torch.zeros(0)).to(ls.device)
+            unit.launched = unit.pending = True
+            unit.advanced = bool(record["advanced"])
+            unit.handle = None
+            unit.skip = record["skip"].to(ls.device)
+    if plan.error_feedback_units:
+        values = shard_values("error_feedback")
+        by_shard = {id(s): v for s, v in zip(ls.shards, values)}
+        for index in plan.error_feedback_units:
+            unit = ls.units[index]
+            parts = [by_shard[id(s)].reshape(-1) for s in unit.shards]
+            unit.error_feedback.residual = (torch.cat(parts) if parts else torch.zeros(0)).to(ls.device)
+    if ls.async_ctl is not None and past_warmup and meta.get("agreed_samples") is not None:
+        ls.async_ctl.start(consumed_samples=int(meta["agreed_samples"]))
+        trainer.consumed_samples = ls.async_ctl.agreed_samples
