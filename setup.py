@@ -22,7 +22,11 @@ setup(
         "psutil",  # needed by megatron-core's dist_checkpointing, not declared by it
     ],
     extras_require={
-        "test": ["pytest", "tensorboard", "matplotlib"],
+        # tests also export to Hugging Face and load it back with transformers (logits check)
+        "test": ["pytest", "tensorboard", "matplotlib", "transformers>=4.46", "safetensors"],
+        "hf": ["transformers>=4.46", "safetensors"],  # tools/convert_checkpoint.py --to hf
         "te": ["transformer-engine[pytorch]"],
+        # Megatron-LM's megatron/training imports these (it is not on PyPI: clone it; README)
+        "megatron-lm": ["six", "regex", "pyyaml", "pydantic", "triton"],
     },
 )
