@@ -20,6 +20,7 @@ from megatron_edit.config import (
     ConfigError,
     LocalSGDConfig,
 )
+from megatron_edit.fp8 import fp8_flag_error
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "NullTokenizer")
 
@@ -259,8 +260,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
               "(megatron-core's distributed optimizer accepts only Adam/AdamW)")
     if args.fp16:
         _fail("--fp16 is not supported: use --bf16")
-    if args.fp8_param_gather and args.fp8_format is None:
-        _fail("--fp8-param-gather needs --fp8-format")
+    fp8_error = fp8_flag_error(args.fp8_format, args.fp8_param_gather, args.use_distributed_optimizer)
+    if fp8_error is not None:
+        _fail(fp8_error)
     if args.lr_warmup_iters < 0 or args.lr_warmup_iters > max(args.train_iters, 0):
         _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be in [0, --train-iters {args.train_iters}]")
     if args.min_lr > args.lr:

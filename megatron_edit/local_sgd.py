@@ -34,6 +34,7 @@ import torch.distributed as dist
 from megatron_edit import mcore_adapter
 from megatron_edit.async_trigger import AsyncSyncController
 from megatron_edit.config import LocalSGDConfig
+from megatron_edit.fp8 import write_back_model_params
 from megatron_edit.outer_optimizer import needs_outer_momentum, outer_step
 from megatron_edit.outer_state import (
     OuterShard,
@@ -484,8 +485,8 @@ class LocalSGD:
                     s.main.copy_(torch.lerp(anchor, s.main.detach().float(), cfg.streaming_mix_alpha))
                 else:
                     s.main.copy_(anchor)
-                if s.model_view.data_ptr() != s.main.data_ptr():
-                    s.model_view.copy_(s.main)
+        # Model params from the fp32 main shards: copy, or requantize FP8 params per bucket (fp8.py).
+        write_back_model_params(unit, self.model, self.optimizer, self.num_layers)
         unit.combined = None
         unit.launched = False
         unit.advanced = False

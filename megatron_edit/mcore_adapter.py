@@ -192,3 +192,28 @@ def patch_fully_reshardable_load(optimizer: Any) -> None:
         set_states._megatron_edit_patched = True
         opt._set_main_param_and_optimizer_states = set_states
 
+
+def fp8_param_shards(optimizer: Any) -> dict:
+    """FP8 model param -> (its fp32 main shard on this rank or None, the shard's start offset in the param
+    or None), exactly as the distributed optimizer passes them to ``quantize_param_shard`` after an inner
+    step: ``DistributedOptimizer._get_fp8_params_and_shard_fp32_from_fp8`` (0.16.1 private). Empty when
+    no param is FP8 (the same answer on every rank: it lists every FP8 param of the buffers)."""
+    out = {}
+    for opt in sub_optimizers(optimizer):
+        if hasattr(opt, "_get_fp8_params_and_shard_fp32_from_fp8"):
+            for param, main, offset in zip(*opt._get_fp8_params_and_shard_fp32_from_fp8()):
+                out[param] = (main, offset)
+    return out
+
+
+def optimizer_bucket_params(optimizer: Any) -> list[tuple[list, Any]]:
+    """(params of one DDP bucket in bucket order, the shard group) for every bucket of every distributed
+    optimizer in the chain: ``DistributedOptimizer.buffers`` -> ``buckets`` -> ``params_list`` and its
+    ``data_parallel_group`` (0.16.1 attributes). The order is the same on every rank of the group."""
+    out = []
+    for opt in sub_optimizers(optimizer):
+        if hasattr(opt, "_get_fp8_params_and_shard_fp32_from_fp8"):
+            for buffer in opt.buffers:
+                for bucket in buffer.buckets:
+                    out.append((list(bucket.params_list), opt.data_parallel_group))
+    return out

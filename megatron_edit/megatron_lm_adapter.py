@@ -1,0 +1,333 @@
+"""Local SGD inside Megatron-LM's own training loop, without editing Megatron-LM (issue 7).
+
+Megatron-LM (the repository: ``megatron/training``, ``pretrain_gpt.py``; not in the megatron-core wheel)
+builds a run in a fixed order, and each step looks a name up in a module namespace at call time:
+
+  initialize.parse_args(extra_args_provider)      -> our flags are registered here (chained provider)
+  initialize.validate_args(args)                  -> our rules; args.num_distributed_optimizer_instances = W,
+                                                     so initialize_model_parallel builds the worker groups
+  training.get_model -> training.DDP(...)         -> DDP gets the worker-local groups (one instance)
+  training.get_megatron_optimizer(...)            -> the worker's groups, instance id = worker index, the
+                                                     LocalSGD engine, and a hook around optimizer.step()
+  train_step: optimizer.step()                    -> before_optimizer_step / step / after_optimizer_step
+
+``install()`` replaces exactly those four names (nothing else), after checking that this Megatron-LM is one
+it was written against: the Megatron-LM tree must be a megatron-core ``SUPPORTED_MCORE_TEXT`` release
+(tags ``core_v0.16.1`` and later ``core_r0.16`` releases; read from the checkout's own
+``megatron/core/package_info.py``), the imported ``megatron.core`` must be that same version, and every
+wrapped name must exist with the parameters we pass. Without ``--local-sgd`` every wrapper passes through.
+
+What stays Megatron-LM's own: data loading (global DP rank, so workers read different data), the loss
+printed (averaged over the global DP group: the mean over all workers), checkpoint save, evaluation (its
+``disable_forward_pre_hook`` goes through ``start_param_sync``, so pending layer-wise updates land first).
+Refused with one line: ``--local-sgd a-edit`` (Megatron-LM's loop runs global collectives every step, so
+workers cannot step at their own pace), ``--load`` (the anchor and outer momentum are not in Megatron-LM's
+checkpoint), FSDP, Muon, fp16, and ``--check-weight-hash-across-dp-replicas-interval`` (SPEC section 5).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from megatron_edit import mcore_adapter
+from megatron_edit.arguments import FlagError, add_local_sgd_args, explicit_dests
+from megatron_edit.config import ConfigError, LocalSGDConfig
+from megatron_edit.fp8 import fp8_flag_error
+
+SUPPORTED_MEGATRON_LM_TEXT = (
+    f"Megatron-LM releases of megatron-core {mcore_adapter.SUPPORTED_MCORE_TEXT} (git tag core_v0.16.1)"
+)
+# name -> parameters our wrapper passes or reads; checked before anything is replaced.
+SEAM = {
+    "megatron.training.initialize.parse_args": ("extra_args_provider", "ignore_unknown_args"),
+    "megatron.training.initialize.validate_args": ("args",),
+    "megatron.training.training.get_megatron_optimizer": (
+        "config", "model_chunks", "use_gloo_process_groups", "pg_collection"),
+    "megatron.training.training.DDP": ("config", "ddp_config", "module", "disable_bucketing", "pg_collection"),
+    "megatron.training.global_vars.get_args": (),
+}
+
+
+class AdapterError(RuntimeError):
+    """This Megatron-LM cannot be adapted; one line saying why."""
+
+
+# ------------------------------------------------------------------ version check
+def megatron_lm_tree_version(training_package_file: str) -> Optional[str]:
+    """The megatron-core version of the Megatron-LM tree that holds ``megatron/training`` (its own
+    ``megatron/core/package_info.py``), or None when the tree has no megatron/core beside it."""
+    info = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(training_package_file))),
+                        "core", "package_info.py")
+    if not os.path.isfile(info):
+        return None
+    text = open(info, encoding="utf-8").read()
+    parts = {}
+    for name in ("MAJOR", "MINOR", "PATCH", "PRE_RELEASE"):
+        m = re.search(rf"^{name}\s*=\s*['\"]?([^'\"\n]*)['\"]?\s*$", text, re.MULTILINE)
+        parts[name] = m.group(1).strip() if m else ""
+    if not parts["MAJOR"]:
+        return None
+    return f"{parts['MAJOR']}.{parts['MINOR']}.{parts['PATCH']}{parts['PRE_RELEASE']}"
+
+
+def _resolve(dotted: str) -> Any:
+    module, name = dotted.rsplit(".", 1)
+    return getattr(sys.modules[module], name, None)
+
+
+def check_megatron_lm(core_version: str, tree_version: Optional[str]) -> None:
+    """Refuse, with one line, a Megatron-LM whose seam this adapter was not written against.
+    Expects the ``megatron.training`` modules of SEAM to be imported (sys.modules)."""
+    where = f"(supported: {SUPPORTED_MEGATRON_LM_TEXT})"
+    if tree_version is not None:
+        try:
+            mcore_adapter.check_megatron_core_version(tree_version)
+        except RuntimeError:
+            raise AdapterError(f"this Megatron-LM checkout is megatron-core {tree_version} {where}") from None
+        if tree_version != core_version:
+            raise AdapterError(
+                f"this Megatron-LM checkout is megatron-core {tree_version} but the imported megatron.core is "
+                f"{core_version}: put the checkout first on PYTHONPATH or install the matching megatron-core {where}")
+    try:
+        mcore_adapter.check_megatron_core_version(core_version)
+    except RuntimeError:
+        raise AdapterError(f"megatron.core {core_version} is not supported by the Megatron-LM adapter {where}") \
+            from None
+    for dotted, params in SEAM.items():
+        target = _resolve(dotted)
+        if not callable(target):
+            raise AdapterError(f"Megatron-LM has no {dotted} {where}")
+        try:
+            present = set(inspect.signature(target).parameters)
+        except (TypeError, ValueError):
+            present = set()
+        missing = [p for p in params if p not in present]
+        if missing:
+            raise AdapterError(f"Megatron-LM's {dotted} has no parameter {missing[0]!r} {where}")
+
+
+# ------------------------------------------------------------------ flags
+def chained_extra_args_provider(user_provider: Optional[Callable] = None) -> Callable:
+    """An ``extra_args_provider`` for Megatron-LM's parse_args: the script's own provider first, then our
+    flags (skipped if already registered, so the patch and the launcher can both be used)."""
+
+    def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        if user_provider is not None:
+            parser = user_provider(parser)
+        if "--local-sgd" not in parser._option_string_actions:  # argparse has no public lookup
+            add_local_sgd_args(parser)
+        return parser
+
+    provider.megatron_edit = True
+    return provider
+
+
+def local_sgd_config_from_megatron_args(args: argparse.Namespace, argv) -> Optional[LocalSGDConfig]:
+    """Our rules on a validated Megatron-LM namespace (``data_parallel_size`` set); FlagError on misuse."""
+    ours = add_local_sgd_args(argparse.ArgumentParser())
+    explicit = explicit_dests(ours, argv)
+    fp8_error = fp8_flag_error(getattr(args, "fp8", None), getattr(args, "fp8_param_gather", False),
+                               getattr(args, "use_distributed_optimizer", False))
+    if fp8_error is not None:
+        raise FlagError(fp8_error)
+    try:
+        cfg = LocalSGDConfig.from_args(args, explicit)
+        if cfg is None:
+            return None
+        cfg.check_topology(args.data_parallel_size, args.num_layers)
+    except ConfigError as e:
+        raise FlagError(str(e)) from None
+    workers = cfg.num_workers(args.data_parallel_size)
+    rules = [
+        (cfg.method == "a-edit", "--local-sgd a-edit is not supported inside Megatron-LM's training loop "
+                                 "(it runs global collectives every step); use megatron_edit's own entry"),
+        (args.load is not None, "--load: Megatron-LM checkpoints do not hold the local-SGD anchor and outer "
+                                "momentum, so a resume would restart the outer optimizer; not supported"),
+        (getattr(args, "fp16", False), "--fp16 is not supported with --local-sgd: use --bf16"),
+        ("muon" in str(getattr(args, "optimizer", "")), f"--optimizer {args.optimizer} is not supported with "
+                                                        "--local-sgd (Adam/AdamW or SGD)"),
+        (getattr(args, "use_torch_fsdp2", False) or getattr(args, "use_megatron_fsdp", False),
+         "--local-sgd needs megatron-core's DDP, not FSDP"),
+        (getattr(args, "check_weight_hash_across_dp_replicas_interval", None) is not None,
+         "--check-weight-hash-across-dp-replicas-interval compares workers that legitimately differ between "
+         "syncs; drop it with --local-sgd"),
+        (getattr(args, "num_distributed_optimizer_instances", 1) not in (1, workers),
+         f"--num-distributed-optimizer-instances {getattr(args, 'num_distributed_optimizer_instances', 1)} "
+         f"conflicts with --local-sgd-workers {workers} (the workers are the instances); drop it"),
+        (cfg.layerwise and not (args.use_distributed_optimizer and args.overlap_param_gather),
+         "--local-sgd-layerwise needs --use-distributed-optimizer and --overlap-param-gather; or pass "
+         "--no-local-sgd-layerwise"),
+    ]
+    for broken, message in rules:
+        if broken:
+            raise FlagError(message)
+    return cfg
+
+
+# ------------------------------------------------------------------ the wrapped construction
+@dataclass
+class _Session:
+    """What the wrappers share within one process (one run)."""
+
+    cfg: Optional[LocalSGDConfig] = None
+    args: Any = None
+    topology: Any = None
+    pgc: Any = None
+    engine: Any = None
+
+    def process_groups(self):
+        """Worker topology and the worker-local ProcessGroupCollection, built once (a collective: every
+        rank gets here at the same point, the first DDP construction)."""
+        if self.pgc is None:
+            from megatron_edit.topology import build_worker_topology, worker_process_groups
+
+            self.topology = build_worker_topology(self.cfg.num_workers(self.args.data_parallel_size))
+            self.pgc = worker_process_groups(self.topology)
+        return self.pgc
+
+
+_SESSION = _Session()
+
+
+def wrap_validate_args(original: Callable, session: _Session, argv_fn: Callable = lambda: sys.argv[1:]):
+    def validate_args(args, defaults={}):  # noqa: B006 - Megatron-LM's signature
+        result = original(args, defaults)
+        session.cfg = local_sgd_config_from_megatron_args(args, argv_fn())
+        session.args = args
+        if session.cfg is not None:
+            args.num_distributed_optimizer_instances = session.cfg.num_workers(args.data_parallel_size)
+        return result
+
+    validate_args.megatron_edit = True
+    return validate_args
+
+
+def wrap_parse_args(original: Callable):
+    def parse_args(extra_args_provider=None, ignore_unknown_args=False):
+        return original(chained_extra_args_provider(extra_args_provider), ignore_unknown_args)
+
+    parse_args.megatron_edit = True
+    return parse_args
+
+
+def worker_local_ddp_class(base: type, session: _Session) -> type:
+    """Megatron-LM's DDP name, as a subclass (its ``isinstance(m, DDP)`` checks still hold) that hands
+    megatron-core's DDP the worker's groups and one instance, so gradients reduce inside the worker."""
+
+    class WorkerLocalDDP(base):
+        def __init__(self, config, ddp_config, module, disable_bucketing=False, pg_collection=None):
+            if session.cfg is not None:
+                ddp_config = copy.copy(ddp_config)
+                ddp_config.num_distributed_optimizer_instances = 1  # instances are our workers (topology.py)
+                pg_collection = session.process_groups()
+            super().__init__(config=config, ddp_config=ddp_config, module=module,
+                             disable_bucketing=disable_bucketing, pg_collection=pg_collection)
+
+    WorkerLocalDDP.__name__ = WorkerLocalDDP.__qualname__ = f"WorkerLocal{base.__name__}"
+    WorkerLocalDDP.megatron_edit = True
+    return WorkerLocalDDP
+
+
+def hook_optimizer_step(optimizer, engine, iteration_fn: Callable[[], int],
+                        report_fn: Optional[Callable] = None) -> None:
+    """optimizer.step() -> engine.before_optimizer_step(i); step; engine.after_optimizer_step(i), where
+    i = iteration_fn() is the iteration this step completes (Megatron-LM: args.curr_iteration + 1)."""
+    original = optimizer.step
+
+    def step(*args, **kwargs):
+        iteration = iteration_fn()
+        engine.before_optimizer_step(iteration)
+        result = original(*args, **kwargs)
+        report = engine.after_optimizer_step(iteration)
+        if report is not None and report_fn is not None:
+            report_fn(report)
+        return result
+
+    optimizer.step = step
+
+
+def _print_sync_report(report) -> None:
+    import torch.distributed as dist
+
+    from megatron_edit.training.log_lines import sync_line
+
+    if dist.get_rank() == dist.get_world_size() - 1:
+        print(sync_line(**report.as_log_fields()), flush=True)
+
+
+def wrap_get_megatron_optimizer(original: Callable, session: _Session, iteration_fn: Callable[[], int],
+                                engine_factory: Optional[Callable] = None,
+                                report_fn: Optional[Callable] = _print_sync_report):
+    """The optimizer over the worker's groups (SPEC section 5 wiring), with the engine on its step."""
+    signature = inspect.signature(original)
+
+    def get_megatron_optimizer(*args, **kwargs):
+        if session.cfg is None:
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["pg_collection"] = session.process_groups()
+        bound.arguments["use_gloo_process_groups"] = False  # the worker groups have no gloo twins
+        optimizer = original(*bound.args, **bound.kwargs)
+        for sub in mcore_adapter.sub_optimizers(optimizer):
+            if hasattr(sub, "distributed_optimizer_instance_id"):
+                sub.distributed_optimizer_instance_id = session.topology.worker_index
+        chunks = bound.arguments["model_chunks"]
+        session.engine = (engine_factory or _make_engine)(session, chunks, optimizer)
+        hook_optimizer_step(optimizer, session.engine, iteration_fn, report_fn)
+        return optimizer
+
+    get_megatron_optimizer.megatron_edit = True
+    return get_megatron_optimizer
+
+
+def _make_engine(session: _Session, chunks, optimizer):
+    from megatron.core.utils import get_model_config
+
+    from megatron_edit.local_sgd import LocalSGD
+
+    args = session.args
+    return LocalSGD(session.cfg, session.topology, chunks, optimizer, get_model_config(chunks[0]),
+                    seed=args.seed, global_batch_size=args.global_batch_size,
+                    budget_samples=(args.train_iters or 0) * args.global_batch_size)
+
+
+def _megatron_lm_iteration() -> int:
+    from megatron.training.global_vars import get_args
+
+    return get_args().curr_iteration + 1
+
+
+def installed() -> bool:
+    training = sys.modules.get("megatron.training.training")
+    return training is not None and getattr(training.get_megatron_optimizer, "megatron_edit", False)
+
+
+def install() -> None:
+    """Check this Megatron-LM, then replace the four seam names (idempotent). Call before ``pretrain()``."""
+    import importlib
+
+    from megatron.core import package_info
+
+    for module in ("megatron.training.arguments", "megatron.training.initialize", "megatron.training.training",
+                   "megatron.training.global_vars"):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise AdapterError(f"cannot import Megatron-LM's {module} ({e}): put a Megatron-LM checkout "
+                               f"on PYTHONPATH ({SUPPORTED_MEGATRON_LM_TEXT})") from None
+    if installed():
+        return
+    training = sys.modules["megatron.training.training"]
+    initialize = sys.modules["megatron.training.initialize"]
+    check_megatron_lm(package_info.__version__, megatron_lm_tree_version(sys.modules["megatron.training"].__file__))
+    initialize.parse_args = wrap_parse_args(initialize.parse_args)
+    initialize.validate_args = wrap_validate_args(initialize.validate_args, _SESSION)
+    training.DDP = worker_local_ddp_class(training.DDP, _SESSION)
+    training.get_megatron_optimizer = wrap_get_megatron_optimizer(
+        training.get_megatron_optimizer, _SESSION, _megatron_lm_iteration)
