@@ -210,7 +210,13 @@ def wrap_validate_args(original: Callable, session: _Session, argv_fn: Callable 
 
 def wrap_parse_args(original: Callable):
     def parse_args(extra_args_provider=None, ignore_unknown_args=False):
-        return original(chained_extra_args_provider(extra_args_provider), ignore_unknown_args)
+        args = original(chained_extra_args_provider(extra_args_provider), ignore_unknown_args)
+        if getattr(args, "yaml_cfg", None) is not None and getattr(args, "local_sgd", None) is not None:
+            # Megatron-LM's YAML path skips validate_args, where the workers are set up: the run would
+            # silently train without local SGD.
+            raise FlagError("--yaml-cfg cannot be combined with --local-sgd (Megatron-LM's YAML path skips the "
+                            "argument validation that sets up the workers); pass the flags on the command line")
+        return args
 
     parse_args.megatron_edit = True
     return parse_args

@@ -111,6 +111,17 @@ def test_chained_provider_keeps_the_users_flags_and_adds_ours_once():
     assert adapter.chained_extra_args_provider(None)(argparse.ArgumentParser()).parse_args([]).local_sgd is None
 
 
+def test_yaml_config_with_local_sgd_is_refused(fake_megatron_lm):
+    f = fake_megatron_lm
+    adapter.install()
+    f.state.argv = ["--local-sgd", "edit"]
+    args = f.initialize.parse_args(lambda p: (p.add_argument("--yaml-cfg"), p)[1], False)
+    assert args.local_sgd == "edit"  # no YAML: fine
+    f.state.argv = ["--yaml-cfg", "run.yaml", "--local-sgd", "edit"]
+    with pytest.raises(FlagError, match="^--yaml-cfg cannot be combined with --local-sgd"):
+        f.initialize.parse_args(lambda p: (p.add_argument("--yaml-cfg"), p)[1], False)
+
+
 def test_install_registers_flags_through_parse_args_and_wraps_the_seam(fake_megatron_lm):
     f = fake_megatron_lm
     adapter.install()
