@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--ckpt-step", type=int, default=None)
     log.add_argument("--no-load-optim", action="store_true")
     log.add_argument("--no-load-rng", action="store_true")
+    log.add_argument("--override-opt-param-scheduler", action="store_true")
     add_local_sgd_args(p)
     return p
 

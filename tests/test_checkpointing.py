@@ -30,8 +30,8 @@ METHODS = {
                 "--local-sgd-workers", "2", "--local-sgd-sync-interval", "4", "--local-sgd-warmup-iters", "1"], 4),
     # EDiT layer-wise with the penalty, DP 4 = 2 workers x 2 ranks (sharded outer state)
     "edit": (DIST_OPT + ["--local-sgd", "edit", "--local-sgd-workers", "2", "--local-sgd-sync-interval", "4"], 4),
-    # streaming: 2 fragments, overlap 1, fp4 wire with error feedback; fragment 1 is in flight at 6
-    "streaming": (["--use-distributed-optimizer", "--local-sgd", "streaming", "--local-sgd-workers", "2",
+    # streaming in bf16: 2 fragments, overlap 1, fp4 wire with error feedback; fragment 1 in flight at 6
+    "streaming": (["--bf16", "--use-distributed-optimizer", "--local-sgd", "streaming", "--local-sgd-workers", "2",
                    "--local-sgd-sync-interval", "4", "--streaming-fragments", "2", "--streaming-overlap-steps", "1",
                    "--outer-grad-error-feedback"], 2),
 }
@@ -88,6 +88,28 @@ def test_resharding_number_of_workers(saved_runs, name, extra):
     # Continues where the saved run was (not from the initial 5.56), and keeps training.
     expected = straight[SAVE_AT["edit"]:]
     assert all(abs(a - b) < 0.15 for a, b in zip(curve, expected)), (curve, expected)
+
+
+def test_a_edit_saves_at_a_sync_and_resumes(tmp_path):
+    """A-EDiT: workers are at different iterations between syncs, so saves happen at syncs; the directory
+    is named by the agreed step count and the resumed run continues from the agreed samples."""
+    root = str(tmp_path / "ckpt")
+    argv = TINY_MODEL + ["--global-batch-size", "4", "--lr", "1e-2", "--use-distributed-optimizer",
+                         "--local-sgd", "a-edit", "--local-sgd-workers", "2", "--local-sgd-sync-time", "0.3",
+                         "--no-local-sgd-layerwise", "--local-sgd-debug-slow-worker", "1:2"]
+    first = run_training(argv + ["--train-iters", "12", "--save", root, "--save-interval", "4"], 2,
+                         keep_params=False)
+    iteration = files.read_tracker(root)
+    # Agreed samples count each worker's steps (2 samples each), so they need not be a multiple of 4.
+    agreed = {r["consumed_samples"] for r in first}
+    assert len(agreed) == 1 and agreed.pop() // 4 == iteration >= 12
+    second = run_training(argv + ["--train-iters", "20", "--load", root, "--save", root,
+                                  "--override-opt-param-scheduler"], 2,
+                          keep_params=False)
+    agreed = {r["consumed_samples"] for r in second}
+    assert len(agreed) == 1 and agreed.pop() // 4 == files.read_tracker(root) >= 20
+    assert len(losses(second)) >= 1
+    assert all(x == x for x in losses(second))
 
 
 # ------------------------------------------------------------------ atomic saves

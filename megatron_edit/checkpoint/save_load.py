@@ -374,7 +374,7 @@ def _apply(trainer, plan: Plan, meta: dict, common: dict, loaded: dict, params_o
             mcore_adapter.set_inner_optimizer_step(trainer.optimizer, progress["optimizer_step"])
     else:
         trainer.optimizer.reload_model_params()
-    trainer.scheduler.load_state_dict(common["opt_param_scheduler"])
+    _load_scheduler(trainer, common["opt_param_scheduler"])
     trainer.iteration = int(progress["iteration"])
     trainer.consumed_samples = int(progress["consumed_samples"])
     if "rank_state" in loaded:
@@ -387,6 +387,18 @@ def _apply(trainer, plan: Plan, meta: dict, common: dict, loaded: dict, params_o
     if ls is not None:
         _apply_local_sgd(trainer, ls, plan, meta, loaded, params_of, loaded.get("rank_state"))
     trainer.restart_data(trainer.iteration)
+
+
+def _load_scheduler(trainer, saved: dict) -> None:
+    """Megatron-LM's rule: the checkpoint's LR schedule wins unless --override-opt-param-scheduler; say
+    so when the flags disagree, since a longer --train-iters then does not stretch the schedule."""
+    flags = trainer.scheduler.state_dict()
+    trainer.scheduler.load_state_dict(saved)
+    keys = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
+    differ = [f"{k} {saved.get(k)} (flags: {flags.get(k)})" for k in keys if saved.get(k) != flags.get(k)]
+    if differ and not trainer.args.override_opt_param_scheduler and dist.get_rank() == 0:
+        print(" > LR schedule from the checkpoint: " + ", ".join(differ) +
+              "; --override-opt-param-scheduler uses the flags", flush=True)
 
 
 def _apply_local_sgd(trainer, ls, plan: Plan, meta: dict, loaded: dict, params_of: dict, rank_state) -> None:

@@ -258,6 +258,9 @@ def build_scheduler(args, optimizer):
         wd_incr_style="constant",
         wsd_decay_steps=(args.lr_wsd_decay_iters * gbs) if args.lr_wsd_decay_iters else None,
         lr_wsd_decay_style="linear" if args.lr_decay_style == "WSD" else None,
+        # Megatron-LM's semantics on --load: the checkpoint's schedule unless overridden by the flags.
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
     )
 
 
