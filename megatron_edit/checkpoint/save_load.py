@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -300,6 +301,7 @@ def load_checkpoint(trainer) -> Optional[int]:
     iteration, or None when the directory holds no checkpoint yet (training starts from scratch)."""
     from megatron.core import dist_checkpointing
 
+    start = time.perf_counter()
     args = trainer.args
     iteration = files.read_tracker(args.load)
     if args.ckpt_step is not None:
@@ -332,7 +334,8 @@ def load_checkpoint(trainer) -> Optional[int]:
         note = "" if saved == trainer.topology.num_workers else (
             f"; {saved} saved workers -> {trainer.topology.num_workers}: worker w continues from saved worker "
             f"w mod {saved}")
-        print(f" > loaded checkpoint {directory} (iteration {iteration}{note})", flush=True)
+        print(f" > loaded checkpoint {directory} (iteration {iteration}{note}) in "
+              f"{(time.perf_counter() - start) * 1000.0:.1f} ms", flush=True)
     return iteration
 
 
