@@ -52,8 +52,8 @@ def describe(directory: str, iteration: int, show_tensors: bool) -> list[str]:
         if meta.get("inflight"):
             lines.append("streaming fragments in flight: " + ", ".join(
                 f"{u['name']}{' (advanced)' if u.get('advanced') else ''}" for u in meta["inflight"]))
-        if meta.get("penalty_stats") is not None:
-            stats = meta["penalty_stats"]
+        stats = meta.get("penalty_stats")
+        if stats is not None and int(stats["count"].max()) > 0:
             lines.append(f"penalty statistics: {int(stats['count'].max())} syncs; EWMA mean of per-layer norms "
                          f"{float(stats['mean'].mean()):.4g}")
         if meta.get("agreed_samples") is not None:
