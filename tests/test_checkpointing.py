@@ -118,6 +118,9 @@ def _killed_during_publish(rank, world, port, argv, kill_at):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    from megatron_edit.training.launch import keep_transformers_out
+
+    keep_transformers_out()
     from megatron_edit.checkpoint import files as files_module
     from megatron_edit.training.pretrain_gpt import build_trainer
 

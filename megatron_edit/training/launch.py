@@ -37,11 +37,22 @@ def main_shard_digest(trainer) -> tuple[float, float]:
     return float(total[0]), float(total[1])
 
 
+def keep_transformers_out() -> None:
+    """Spawned ranks of tests and benchmarks never import Hugging Face transformers. megatron-core
+    imports it whenever it is installed (its tokenizer and chat-template modules; it is installed with
+    the test extra for the Hugging Face export check), which costs about 0.75 s and 100+ modules per
+    rank, and runs with it coincided with rare native aborts ("malloc(): unaligned tcache chunk
+    detected") in gloo runs that were never seen without it. megatron-core's imports are guarded, so it
+    falls back as when transformers is absent; our tokenizers do not use it."""
+    sys.modules.setdefault("transformers", None)
+
+
 def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, keep_params: bool,
                keep_snapshots: bool) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    keep_transformers_out()
     from megatron.core import parallel_state as ps
 
     from megatron_edit import mcore_adapter
