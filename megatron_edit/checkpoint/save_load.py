@@ -411,6 +411,12 @@ def _apply_local_sgd(trainer, ls, plan: Plan, meta: dict, loaded: dict, params_o
         full = {params_of[name][k]: t for k, t in loaded["local_sgd"][name].items()}
         return from_model_space(ls.shards, full)
 
+    def unit_flats(name) -> dict:
+        """{unit index: flat per-unit tensor on the engine's device} (inverse of _unit_values)."""
+        by_shard = {id(s): v for s, v in zip(ls.shards, shard_values(name))}
+        return {i: torch.cat([by_shard[id(s)].reshape(-1) for s in u.shards] or [torch.zeros(0)]).to(ls.device)
+                for i, u in enumerate(ls.units)}
+
     past_warmup = trainer.iteration >= ls.cfg.warmup_iters
     if past_warmup and (ls.shards and ls.shards[0].anchor is None or plan.outer_state):
         init_outer_state(ls.shards, ls.with_momentum, ls.cfg.offload_outer_state)
@@ -430,23 +436,18 @@ def _apply_local_sgd(trainer, ls, plan: Plan, meta: dict, loaded: dict, params_o
         ls.bytes_sent_total = rank_state["bytes_sent_total"]
         ls.bytes_sent_measured = rank_state["bytes_sent_measured"]
     if plan.inflight_units:
-        values = shard_values("inflight")
-        by_shard = {id(s): v for s, v in zip(ls.shards, values)}
+        flats = unit_flats("inflight")
         for record in meta["inflight"]:
             unit = ls.units[record["unit"]]
-            parts = [by_shard[id(s)].reshape(-1) for s in unit.shards]
-            unit.combined = (torch.cat(parts) if parts else torch.zeros(0)).to(ls.device)
+            unit.combined = flats[record["unit"]]
             unit.launched = unit.pending = True
             unit.advanced = bool(record["advanced"])
             unit.handle = None
             unit.skip = record["skip"].to(ls.device)
     if plan.error_feedback_units:
-        values = shard_values("error_feedback")
-        by_shard = {id(s): v for s, v in zip(ls.shards, values)}
+        flats = unit_flats("error_feedback")
         for index in plan.error_feedback_units:
-            unit = ls.units[index]
-            parts = [by_shard[id(s)].reshape(-1) for s in unit.shards]
-            unit.error_feedback.residual = (torch.cat(parts) if parts else torch.zeros(0)).to(ls.device)
+            ls.units[index].error_feedback.residual = flats[index]
     if ls.async_ctl is not None and past_warmup and meta.get("agreed_samples") is not None:
         ls.async_ctl.start(consumed_samples=int(meta["agreed_samples"]))
         trainer.consumed_samples = ls.async_ctl.agreed_samples
