@@ -418,7 +418,7 @@ def _apply_local_sgd(trainer, ls, plan: Plan, meta: dict, loaded: dict, params_o
                 for i, u in enumerate(ls.units)}
 
     past_warmup = trainer.iteration >= ls.cfg.warmup_iters
-    if past_warmup and (ls.shards and ls.shards[0].anchor is None or plan.outer_state):
+    if past_warmup:  # the engine's anchor was taken from the params before the load
         init_outer_state(ls.shards, ls.with_momentum, ls.cfg.offload_outer_state)
     if plan.outer_state:
         for s, value in zip(ls.shards, shard_values("anchor")):
