@@ -14,7 +14,7 @@ setup(
     install_requires=[
         # The CPU compatibility layer and the adapter are checked against these versions
         # (megatron_edit/mcore_adapter.py: SUPPORTED_MCORE).
-        "megatron-core>=0.16.1,<0.17",
+        "megatron-core>=0.16.1,<0.20",
         "torch>=2.6",
         "numpy",
         "sentencepiece",

@@ -7,14 +7,17 @@ the way the inner step does:
 * sources: pseudo-gradients (anchor - theta) and the anchor itself are read from the fp32 main shards
   (``mcore_adapter.main_param_pairs``), never from FP8 weights, whose rounding would leak into every
   outer step;
-* write-back: after the outer update has set a main shard, an FP8 param is requantized with
-  ``fp8_utils.quantize_param_shard`` (a collective over the worker's shard group: amax/scale agreement),
-  as ``DistributedOptimizer._copy_main_params_to_model_params`` does after an inner step. It is called
+* write-back: after the outer update has set a main shard, an FP8 param (the optimizer's own predicate,
+  mcore_adapter.is_fp8_param_for_param_gather) is requantized with ``fp8_utils.quantize_param_shard`` (a
+  collective over the worker's shard group: amax/scale agreement), as
+  ``DistributedOptimizer._copy_main_params_to_model_params`` does after an inner step. It is called
   once per DDP bucket that holds FP8 params of the unit being updated, in bucket order, with every FP8
   param of that bucket (a rank without a shard of a param passes ``None`` for it), so all ranks of the
   shard group enter the same collectives in the same order whatever shards they own. The parameter
   all-gather that follows (DDP's ``start_param_sync``) moves the FP8 bytes and runs
   ``post_all_gather_processing`` per bucket, exactly as after an inner step. Non-FP8 params are copied.
+  Since 0.17.1 the inner step requantizes only with ``ddp_config.fp8_param_gather``, which the DDP config
+  therefore takes from ``--fp8-param-gather`` (training/model.py).
 
 Streaming quantized outer syncs (``--outer-grad-dtype``) are independent of this: they quantize the
 fp32 pseudo-gradient on the wire; the model's FP8 format only concerns the weights.
@@ -65,19 +68,17 @@ def _unit_members(unit, model_chunks, num_layers: int):
 def requantize_batches(unit, model_chunks, optimizer, num_layers: int) -> list[tuple[list, list, list, Any]]:
     """Per DDP bucket (in bucket order): (FP8 params of the unit, their fp32 main shards or None,
     shard start offsets or None, shard group) -- the arguments of one ``quantize_param_shard`` call."""
-    from megatron.core import fp8_utils
-
     fp8_params = mcore_adapter.fp8_param_shards(optimizer)
     if not fp8_params:
         return []
     member = _unit_members(unit, model_chunks, num_layers)
     batches = []
     for bucket_params, group in mcore_adapter.optimizer_bucket_params(optimizer):
-        params = [p for p in bucket_params if fp8_utils.is_float8tensor(p) and member(p)]
+        params = [p for p in bucket_params if p in fp8_params and member(p)]
         if params:
             mains = [fp8_params[p][0] for p in params]
             offsets = [fp8_params[p][1] for p in params]
-            batches.append((params, mains, offsets, group))
+            batches.append((*mcore_adapter.expand_quantized_param_shards(params, mains, offsets), group))
     return batches
 
 
@@ -89,7 +90,7 @@ def write_back_model_params(unit, model_chunks, optimizer, num_layers: int) -> N
 
     with torch.no_grad():
         for s in unit.shards:
-            if fp8_utils.is_float8tensor(s.model_param):
+            if mcore_adapter.is_fp8_param_for_param_gather(s.model_param):
                 continue
             if s.model_view.data_ptr() != s.main.data_ptr():
                 s.model_view.copy_(s.main)

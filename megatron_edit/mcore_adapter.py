@@ -1,16 +1,19 @@
 """Every megatron-core internal megatron_edit depends on, named in one place.
 
-Checked on megatron-core 0.16.1 (SUPPORTED_MCORE). Public API (GPTModel, DistributedDataParallel,
-get_megatron_optimizer, parallel_state getters) is imported where it is used; what is listed here is
-private or undocumented and may move between releases, so each accessor says what it relies on.
+Checked on megatron-core 0.16.1, 0.17.1, 0.18.2 and 0.19.2 (SUPPORTED_MCORE: >=0.16.1,<0.20). Public API
+(GPTModel, DistributedDataParallel, get_megatron_optimizer, parallel_state getters) is imported where it
+is used; what is listed here is private, undocumented or changed between those releases, so each
+accessor says what it relies on and, where the releases differ, which release changed it. Differences
+are found by feature probes (a parameter, an attribute, a field), not by comparing version numbers, so a
+patch release that back-ports a change is handled too.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any, Optional
 
-SUPPORTED_MCORE = ((0, 16, 1), (0, 17, 0))  # [min, max) checked
-SUPPORTED_MCORE_TEXT = ">=0.16.1,<0.17"
+SUPPORTED_MCORE = ((0, 16, 1), (0, 20, 0))  # [min, max) checked
+SUPPORTED_MCORE_TEXT = ">=0.16.1,<0.20"
 
 
 def megatron_core_version() -> str:
@@ -43,10 +46,83 @@ def check_megatron_core_version(version: str | None = None) -> None:
         )
 
 
+def null_tokenizer(vocab_size: int) -> Any:
+    """megatron-core's null tokenizer with ``vocab_size`` ids plus an EOD id after them (vocabulary
+    ``vocab_size + 1``, EOD = ``vocab_size``) on every supported release, so a ``--vocab-size`` gives the
+    same model and the same data whichever megatron-core is installed.
+
+    - 0.17 renamed its library from ``null`` to ``null-text`` (probe: ``TEXT_LIBRARIES``);
+    - 0.18 made its ``vocab_size`` count the EOD id (EOD = vocab_size - 1 by default) and added an
+      ``eod_id`` parameter (probe: that parameter); before, vocabulary = vocab_size + 1, EOD = vocab_size.
+    """
+    import inspect
+
+    from megatron.core.tokenizers import MegatronTokenizer
+    from megatron.core.tokenizers import megatron_tokenizer
+
+    libraries = getattr(megatron_tokenizer, "TEXT_LIBRARIES", None) or getattr(
+        megatron_tokenizer, "TOKENIZER_LIBRARIES", [])
+    library = "null-text" if "null-text" in libraries else "null"
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    if "eod_id" in inspect.signature(NullTokenizer.__init__).parameters:  # 0.18+
+        return MegatronTokenizer.from_pretrained(metadata_path={"library": library}, vocab_size=vocab_size + 1,
+                                                 eod_id=vocab_size)
+    return MegatronTokenizer.from_pretrained(metadata_path={"library": library}, vocab_size=vocab_size)
+
+
 def rng_module() -> Any:
     """``megatron.core.tensor_parallel.random``: its private ``_get_cuda_rng_state`` /
     ``_set_cuda_rng_state`` are what the RNG tracker uses to swap generator states (0.16.1)."""
     return importlib.import_module("megatron.core.tensor_parallel.random")
+
+
+def ddp_layout_kwargs(module: Any, ddp_config: Any, pg_collection: Any, disable_bucketing: bool) -> dict:
+    """Extra keyword arguments for megatron-core's ``DistributedDataParallel``: since 0.18 it takes the
+    distributed optimizer's parameter layout (``full_param_layout``, computed by
+    ``DistributedOptimizer.compute_full_param_layout``) instead of sizing buffers itself; without it it
+    warns and computes the same layout. We compute it as Megatron-LM 0.18+ does
+    (``wrap_model_chunks_with_ddp``): over the worker's data-parallel group (the shard count the
+    optimizer asserts), with DDP's own bucket-size rule (``bucket_size`` default max(4e7, 1e6 x DP), none
+    without ``overlap_grad_reduce``, one bucket on pipeline stages > 0 and with ``disable_bucketing``).
+    Empty before 0.18 (probe: the parameter) and without the distributed optimizer."""
+    import inspect
+
+    from megatron.core.distributed import DistributedDataParallel
+
+    if "full_param_layout" not in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {}
+    if not ddp_config.use_distributed_optimizer:
+        return {}
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    bucket_size = ddp_config.bucket_size
+    if bucket_size is None:
+        bucket_size = max(40000000, 1000000 * pg_collection.dp.size())
+    pp = pg_collection.pp
+    pp_rank = (pp[0] if isinstance(pp, list) else pp).rank()
+    if not ddp_config.overlap_grad_reduce or disable_bucketing or pp_rank > 0:
+        bucket_size = None
+    expert_group = pg_collection.intra_expt_dp
+    layout = DistributedOptimizer.compute_full_param_layout(
+        [p for p in module.parameters() if p.requires_grad], bucket_size, pg_collection.intra_dp_cp.size(),
+        ddp_config, expert_data_parallel_world_size=expert_group.size() if expert_group is not None else None)
+    return {"full_param_layout": layout}
+
+
+def set_worker_data_parallel_groups_gtp(pg_collection: Any, intra_dp: Any, intra_expert_dp: Any) -> None:
+    """0.19 added ``ProcessGroupCollection.dp_cp_gtp_remat`` / ``expt_dp_gtp_remat`` (the data-parallel
+    groups times the GTP weight-rematerialisation axis: loss and token-count reductions, replica ids of
+    replicated weights). Without GTP they equal ``dp_cp`` / ``expt_dp``, so in a worker they must be the
+    worker's groups too. Probed by the dataclass field (``hasattr`` is no probe: since 0.19 the collection
+    answers None for every declared field that was never set)."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(type(pg_collection))}
+    if "dp_cp_gtp_remat" in names:
+        pg_collection.dp_cp_gtp_remat = intra_dp
+    if "expt_dp_gtp_remat" in names and intra_expert_dp is not None:
+        pg_collection.expt_dp_gtp_remat = intra_expert_dp
 
 
 def ddp_bucket_groups(ddp_module: Any) -> list:
@@ -196,13 +272,44 @@ def patch_fully_reshardable_load(optimizer: Any) -> None:
 def fp8_param_shards(optimizer: Any) -> dict:
     """FP8 model param -> (its fp32 main shard on this rank or None, the shard's start offset in the param
     or None), exactly as the distributed optimizer passes them to ``quantize_param_shard`` after an inner
-    step: ``DistributedOptimizer._get_fp8_params_and_shard_fp32_from_fp8`` (0.16.1 private). Empty when
-    no param is FP8 (the same answer on every rank: it lists every FP8 param of the buffers)."""
+    step: ``DistributedOptimizer._get_fp8_params_and_shard_fp32_from_fp8`` (private, 0.16.1 to 0.19.2;
+    since 0.19 it selects by ``_is_fp8_param_for_param_gather``). Empty when no param is FP8 (the same
+    answer on every rank: it lists every FP8 param of the buffers)."""
     out = {}
     for opt in sub_optimizers(optimizer):
         if hasattr(opt, "_get_fp8_params_and_shard_fp32_from_fp8"):
             for param, main, offset in zip(*opt._get_fp8_params_and_shard_fp32_from_fp8()):
                 out[param] = (main, offset)
+    return out
+
+
+def is_fp8_param_for_param_gather(param: Any) -> bool:
+    """Whether the distributed optimizer requantizes this param from its fp32 main shard after a step:
+    ``DistributedOptimizer._is_fp8_param_for_param_gather`` since 0.19 (FP8 / MXFP8 tensors and grouped
+    quantized tensors, not grouped NVFP4); ``fp8_utils.is_float8tensor`` before (probe: the method)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    predicate = getattr(DistributedOptimizer, "_is_fp8_param_for_param_gather", None)
+    if predicate is not None:
+        return bool(predicate(param))
+    from megatron.core import fp8_utils
+
+    return bool(fp8_utils.is_float8tensor(param))
+
+
+def expand_quantized_param_shards(params: list, mains: list, offsets: list) -> tuple[list, list, list]:
+    """What the inner step hands ``quantize_param_shard`` for these FP8 params: since 0.19 a grouped
+    quantized param is split into its member tensors with member-aligned main shards
+    (``DistributedOptimizer._expand_quantized_param_shard_for_cast``); unchanged before."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    expand = getattr(DistributedOptimizer, "_expand_quantized_param_shard_for_cast", None)
+    if expand is None:
+        return params, mains, offsets
+    out = ([], [], [])
+    for param, main, offset in zip(params, mains, offsets):
+        for target, values in zip(out, expand(param, main, offset)):
+            target.extend(values)
     return out
 
 

@@ -1,28 +1,35 @@
-"""Local SGD inside Megatron-LM's own training loop, without editing Megatron-LM (issue 7).
+"""Local SGD inside Megatron-LM's own training loop, without editing Megatron-LM (issues 7, 11).
 
 Megatron-LM (the repository: ``megatron/training``, ``pretrain_gpt.py``; not in the megatron-core wheel)
 builds a run in a fixed order, and each step looks a name up in a module namespace at call time:
 
-  initialize.parse_args(extra_args_provider)      -> our flags are registered here (chained provider)
-  initialize.validate_args(args)                  -> our rules; args.num_distributed_optimizer_instances = W,
+  <args module>.parse_args(extra_args_provider)   -> our flags are registered here (chained provider)
+  <args module>.validate_args(args)               -> our rules; args.num_distributed_optimizer_instances = W,
                                                      so initialize_model_parallel builds the worker groups
+  training.initialize_megatron(...)               -> allow_no_cuda on a machine without CUDA (megatron_lm_cpu)
   training.get_model -> training.DDP(...)         -> DDP gets the worker-local groups (one instance)
   training.get_megatron_optimizer(...)            -> the worker's groups, instance id = worker index, the
-                                                     LocalSGD engine, and a hook around optimizer.step()
+                                                     LocalSGD engine, a hook around optimizer.step(), and the
+                                                     local-SGD state in the optimizer's checkpoint state
   train_step: optimizer.step()                    -> before_optimizer_step / step / after_optimizer_step
 
-``install()`` replaces exactly those four names (nothing else), after checking that this Megatron-LM is one
-it was written against: the Megatron-LM tree must be a megatron-core ``SUPPORTED_MCORE_TEXT`` release
-(tags ``core_v0.16.1`` and later ``core_r0.16`` releases; read from the checkout's own
-``megatron/core/package_info.py``), the imported ``megatron.core`` must be that same version, and every
-wrapped name must exist with the parameters we pass. Without ``--local-sgd`` every wrapper passes through.
+<args module> is ``megatron.training.initialize`` in core_v0.16 trees (``initialize_megatron`` parses
+the arguments) and ``megatron.training.arguments`` in core_v0.19 trees (``parse_and_validate_args``, called
+by ``pretrain_gpt.py`` itself; probed by that name). ``install()`` replaces exactly those names (nothing
+else), after checking that this Megatron-LM is one it was written against: a core_v0.16 (>= 0.16.1) or
+core_v0.19 tree (read from the checkout's own ``megatron/core/package_info.py``), the imported
+``megatron.core`` of the same release series, and every wrapped name present with the parameters we
+pass. Without ``--local-sgd`` every wrapper passes through; without CUDA, megatron_lm_cpu switches
+Megatron-LM to CPU / gloo first (with or without ``--local-sgd``).
 
 What stays Megatron-LM's own: data loading (global DP rank, so workers read different data), the loss
-printed (averaged over the global DP group: the mean over all workers), checkpoint save, evaluation (its
-``disable_forward_pre_hook`` goes through ``start_param_sync``, so pending layer-wise updates land first).
+printed (averaged over the global DP group: the mean over all workers), evaluation and checkpoint saves
+(its ``disable_forward_pre_hook`` goes through ``start_param_sync``, so pending layer-wise updates land
+first), and the checkpoint files: every worker's model and Adam state and the outer state ride in the
+optimizer's sharded state dict (checkpoint/megatron_lm.py), so ``--save`` / ``--load`` resume exactly.
 Refused with one line: ``--local-sgd a-edit`` (Megatron-LM's loop runs global collectives every step, so
-workers cannot step at their own pace), ``--load`` (the anchor and outer momentum are not in Megatron-LM's
-checkpoint), FSDP, Muon, fp16, and ``--check-weight-hash-across-dp-replicas-interval`` (SPEC section 5).
+workers cannot step at their own pace), FSDP, Muon, fp16, checkpoint formats other than ``torch_dist``,
+and ``--check-weight-hash-across-dp-replicas-interval`` (SPEC section 5).
 """
 from __future__ import annotations
 
@@ -35,18 +42,24 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from megatron_edit import mcore_adapter
+from megatron_edit import mcore_adapter, megatron_lm_cpu
 from megatron_edit.arguments import FlagError, add_local_sgd_args, explicit_dests
 from megatron_edit.config import ConfigError, LocalSGDConfig
 from megatron_edit.fp8 import fp8_flag_error
 
+# Megatron-LM trees whose seam this adapter was read from and run against: (major, minor) of their
+# megatron-core, each used with the megatron-core of its own series.
+SUPPORTED_TREES = ((0, 16), (0, 19))
 SUPPORTED_MEGATRON_LM_TEXT = (
-    f"Megatron-LM releases of megatron-core {mcore_adapter.SUPPORTED_MCORE_TEXT} (git tag core_v0.16.1)"
+    "Megatron-LM trees core_v0.16.1 (megatron-core 0.16.x, >= 0.16.1) and core_v0.19.x (megatron-core 0.19.x), "
+    "each with the megatron-core of the same series"
 )
-# name -> parameters our wrapper passes or reads; checked before anything is replaced.
+# name -> parameters our wrapper passes or reads; checked before anything is replaced. "ARGS" is the
+# module that parses and validates the arguments (_args_module).
 SEAM = {
-    "megatron.training.initialize.parse_args": ("extra_args_provider", "ignore_unknown_args"),
-    "megatron.training.initialize.validate_args": ("args",),
+    "ARGS.parse_args": ("extra_args_provider", "ignore_unknown_args"),
+    "ARGS.validate_args": ("args",),
+    "megatron.training.training.initialize_megatron": ("allow_no_cuda",),
     "megatron.training.training.get_megatron_optimizer": (
         "config", "model_chunks", "use_gloo_process_groups", "pg_collection"),
     "megatron.training.training.DDP": ("config", "ddp_config", "module", "disable_bucketing", "pg_collection"),
@@ -76,9 +89,30 @@ def megatron_lm_tree_version(training_package_file: str) -> Optional[str]:
     return f"{parts['MAJOR']}.{parts['MINOR']}.{parts['PATCH']}{parts['PRE_RELEASE']}"
 
 
+def _args_module_name() -> str:
+    """Where Megatron-LM parses and validates its arguments at call time: core_v0.19 moved it out of
+    ``initialize_megatron`` into ``arguments.parse_and_validate_args`` (probe: that function)."""
+    arguments = sys.modules.get("megatron.training.arguments")
+    if arguments is not None and hasattr(arguments, "parse_and_validate_args"):
+        return "megatron.training.arguments"
+    return "megatron.training.initialize"
+
+
 def _resolve(dotted: str) -> Any:
+    dotted = dotted.replace("ARGS.", _args_module_name() + ".")
     module, name = dotted.rsplit(".", 1)
-    return getattr(sys.modules[module], name, None)
+    return getattr(sys.modules.get(module), name, None)
+
+
+def _supported_tree(version: str) -> bool:
+    major, minor, patch, final = mcore_adapter._version_tuple(version)
+    if not final or (major, minor) not in SUPPORTED_TREES:
+        return False
+    try:
+        mcore_adapter.check_megatron_core_version(version)
+    except RuntimeError:
+        return False
+    return True
 
 
 def check_megatron_lm(core_version: str, tree_version: Optional[str]) -> None:
@@ -86,30 +120,28 @@ def check_megatron_lm(core_version: str, tree_version: Optional[str]) -> None:
     Expects the ``megatron.training`` modules of SEAM to be imported (sys.modules)."""
     where = f"(supported: {SUPPORTED_MEGATRON_LM_TEXT})"
     if tree_version is not None:
-        try:
-            mcore_adapter.check_megatron_core_version(tree_version)
-        except RuntimeError:
-            raise AdapterError(f"this Megatron-LM checkout is megatron-core {tree_version} {where}") from None
-        if tree_version != core_version:
+        if not _supported_tree(tree_version):
+            raise AdapterError(f"this Megatron-LM checkout is megatron-core {tree_version} and the imported "
+                               f"megatron.core is {core_version} {where}")
+        if mcore_adapter._version_tuple(tree_version)[:2] != mcore_adapter._version_tuple(core_version)[:2]:
             raise AdapterError(
                 f"this Megatron-LM checkout is megatron-core {tree_version} but the imported megatron.core is "
-                f"{core_version}: put the checkout first on PYTHONPATH or install the matching megatron-core {where}")
-    try:
-        mcore_adapter.check_megatron_core_version(core_version)
-    except RuntimeError:
-        raise AdapterError(f"megatron.core {core_version} is not supported by the Megatron-LM adapter {where}") \
-            from None
+                f"{core_version}: put the checkout first on PYTHONPATH or install megatron-core of the same "
+                f"series {where}")
+    if not _supported_tree(core_version):
+        raise AdapterError(f"megatron.core {core_version} is not supported by the Megatron-LM adapter {where}")
     for dotted, params in SEAM.items():
         target = _resolve(dotted)
+        shown = dotted.replace("ARGS.", _args_module_name() + ".")
         if not callable(target):
-            raise AdapterError(f"Megatron-LM has no {dotted} {where}")
+            raise AdapterError(f"Megatron-LM has no {shown} {where}")
         try:
             present = set(inspect.signature(target).parameters)
         except (TypeError, ValueError):
             present = set()
         missing = [p for p in params if p not in present]
         if missing:
-            raise AdapterError(f"Megatron-LM's {dotted} has no parameter {missing[0]!r} {where}")
+            raise AdapterError(f"Megatron-LM's {shown} has no parameter {missing[0]!r} {where}")
 
 
 # ------------------------------------------------------------------ flags
@@ -147,8 +179,9 @@ def local_sgd_config_from_megatron_args(args: argparse.Namespace, argv) -> Optio
     rules = [
         (cfg.method == "a-edit", "--local-sgd a-edit is not supported inside Megatron-LM's training loop "
                                  "(it runs global collectives every step); use megatron_edit's own entry"),
-        (args.load is not None, "--load: Megatron-LM checkpoints do not hold the local-SGD anchor and outer "
-                                "momentum, so a resume would restart the outer optimizer; not supported"),
+        ((args.save is not None or args.load is not None) and getattr(args, "ckpt_format", "torch_dist") != "torch_dist",
+         f"--ckpt-format {getattr(args, 'ckpt_format', None)} cannot hold the local-SGD state with --local-sgd; "
+         "use --ckpt-format torch_dist"),
         (getattr(args, "fp16", False), "--fp16 is not supported with --local-sgd: use --bf16"),
         ("muon" in str(getattr(args, "optimizer", "")), f"--optimizer {args.optimizer} is not supported with "
                                                         "--local-sgd (Adam/AdamW or SGD)"),
@@ -197,11 +230,16 @@ _SESSION = _Session()
 
 def wrap_validate_args(original: Callable, session: _Session, argv_fn: Callable = lambda: sys.argv[1:]):
     def validate_args(args, defaults={}):  # noqa: B006 - Megatron-LM's signature
+        megatron_lm_cpu.adjust_args(args)
         result = original(args, defaults)
         session.cfg = local_sgd_config_from_megatron_args(args, argv_fn())
         session.args = args
         if session.cfg is not None:
             args.num_distributed_optimizer_instances = session.cfg.num_workers(args.data_parallel_size)
+            if args.use_distributed_optimizer:
+                # Per-worker checkpoint keys (checkpoint/worker_keys.py) need the model-space optimizer
+                # format; the dp_reshardable one is keyed by optimizer instance and bucket.
+                args.dist_ckpt_optim_fully_reshardable = True
         return result
 
     validate_args.megatron_edit = True
@@ -227,13 +265,16 @@ def worker_local_ddp_class(base: type, session: _Session) -> type:
     megatron-core's DDP the worker's groups and one instance, so gradients reduce inside the worker."""
 
     class WorkerLocalDDP(base):
-        def __init__(self, config, ddp_config, module, disable_bucketing=False, pg_collection=None):
+        # **kwargs: what newer trees pass on unchanged (core_v0.19: full_param_layout, computed by
+        # Megatron-LM over the intra-instance group, i.e. the worker's shard count).
+        def __init__(self, config, ddp_config, module, disable_bucketing=False, pg_collection=None, **kwargs):
+            megatron_lm_cpu.adjust_model_config(config)
             if session.cfg is not None:
                 ddp_config = copy.copy(ddp_config)
                 ddp_config.num_distributed_optimizer_instances = 1  # instances are our workers (topology.py)
                 pg_collection = session.process_groups()
             super().__init__(config=config, ddp_config=ddp_config, module=module,
-                             disable_bucketing=disable_bucketing, pg_collection=pg_collection)
+                             disable_bucketing=disable_bucketing, pg_collection=pg_collection, **kwargs)
 
     WorkerLocalDDP.__name__ = WorkerLocalDDP.__qualname__ = f"WorkerLocal{base.__name__}"
     WorkerLocalDDP.megatron_edit = True
@@ -315,11 +356,11 @@ def installed() -> bool:
 
 
 def install() -> None:
-    """Check this Megatron-LM, then replace the four seam names (idempotent). Call before ``pretrain()``."""
+    """Check this Megatron-LM, then replace the seam names (idempotent). Call before ``pretrain()`` (the
+    launcher calls it before the script runs). Without CUDA, Megatron-LM is switched to CPU first."""
     import importlib
 
-    from megatron.core import package_info
-
+    megatron_lm_cpu.enable()
     for module in ("megatron.training.arguments", "megatron.training.initialize", "megatron.training.training",
                    "megatron.training.global_vars"):
         try:
@@ -327,13 +368,16 @@ def install() -> None:
         except ImportError as e:
             raise AdapterError(f"cannot import Megatron-LM's {module} ({e}): put a Megatron-LM checkout "
                                f"on PYTHONPATH ({SUPPORTED_MEGATRON_LM_TEXT})") from None
+    from megatron.core import package_info
+
     if installed():
         return
     training = sys.modules["megatron.training.training"]
-    initialize = sys.modules["megatron.training.initialize"]
+    args_module = sys.modules[_args_module_name()]
     check_megatron_lm(package_info.__version__, megatron_lm_tree_version(sys.modules["megatron.training"].__file__))
-    initialize.parse_args = wrap_parse_args(initialize.parse_args)
-    initialize.validate_args = wrap_validate_args(initialize.validate_args, _SESSION)
+    args_module.parse_args = wrap_parse_args(args_module.parse_args)
+    args_module.validate_args = wrap_validate_args(args_module.validate_args, _SESSION)
+    training.initialize_megatron = megatron_lm_cpu.wrap_initialize_megatron(training.initialize_megatron)
     training.DDP = worker_local_ddp_class(training.DDP, _SESSION)
     training.get_megatron_optimizer = wrap_get_megatron_optimizer(
         training.get_megatron_optimizer, _SESSION, _megatron_lm_iteration)

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_edit import mcore_adapter
+
 
 @dataclass
 class WorkerTopology:
@@ -119,6 +121,7 @@ def worker_process_groups(topology: WorkerTopology):
     if expert_intra is not None:
         pgc.expt_dp = expert_intra
         pgc.intra_expt_dp = expert_intra
+    mcore_adapter.set_worker_data_parallel_groups_gtp(pgc, intra, expert_intra)
     return pgc
 
 

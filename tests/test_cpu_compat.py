@@ -108,7 +108,7 @@ def test_activate_auto_is_on_without_cuda():
 # ---------------------------------------------------------------------------------------------------
 # (b), (c) version gate.
 
-@pytest.mark.parametrize("version", ["0.15.0", "0.16.0", "0.17.0", "0.17.1", "1.0.0"])
+@pytest.mark.parametrize("version", ["0.15.0", "0.16.0", "0.16.1rc1", "0.20.0", "0.20.0rc1", "1.0.0"])
 def test_unsupported_megatron_core_versions_are_refused(version):
     with pytest.raises(RuntimeError) as info:
         mcore_adapter.check_megatron_core_version(version)
@@ -118,7 +118,7 @@ def test_unsupported_megatron_core_versions_are_refused(version):
     assert "\n" not in msg
 
 
-@pytest.mark.parametrize("version", ["0.16.1", "0.16.2", "0.16.10"])
+@pytest.mark.parametrize("version", ["0.16.1", "0.16.2", "0.16.10", "0.17.1", "0.18.2", "0.19.0", "0.19.2"])
 def test_supported_megatron_core_versions_pass(version):
     mcore_adapter.check_megatron_core_version(version)
 
@@ -128,7 +128,7 @@ def test_installed_megatron_core_is_supported():
     mcore_adapter.check_megatron_core_version()
 
 
-@pytest.mark.parametrize("version", ["0.15.0", "0.17.0"])
+@pytest.mark.parametrize("version", ["0.15.0", "0.20.0"])
 def test_activate_with_unsupported_version_refuses_before_patching(monkeypatch, version):
     monkeypatch.setattr(package_info, "__version__", version)
     before = _snapshot()

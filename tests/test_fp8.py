@@ -79,7 +79,7 @@ SHARDS = {0: {"a": (0, 8), "c": (0, 4)}, 1: {"b": (0, 8), "c": (4, 8), "d": (0, 
 
 
 class FakeDistributedOptimizer:
-    """The attributes megatron-core 0.16.1's DistributedOptimizer methods read, with the real
+    """The attributes megatron-core's DistributedOptimizer methods read (0.16.1 to 0.19.2), with the real
     ``_get_fp8_params_and_shard_fp32_from_fp8`` bound to it."""
 
     def __init__(self, rank: int):
@@ -99,6 +99,10 @@ class FakeDistributedOptimizer:
         self.model_fp32_groups, self.shard_fp32_groups = [[]], [[]]
         self._get_fp8_params_and_shard_fp32_from_fp8 = (
             DistributedOptimizer._get_fp8_params_and_shard_fp32_from_fp8.__get__(self))
+        # 0.19: the real method selects by the class's own predicate (bound to the class, as in megatron).
+        for name in ("_is_fp8_param_for_param_gather",):
+            if hasattr(DistributedOptimizer, name):
+                setattr(self, name, getattr(DistributedOptimizer, name))
 
     def _get_model_param_range_map(self, param):
         return {"param": self._ranges[id(param)]}
@@ -173,6 +177,33 @@ def test_write_back_of_one_bucket_group_touches_only_its_buckets(fp8_calls):
     opt = FakeDistributedOptimizer(rank=0)
     fp8.write_back_model_params(_unit(opt, [opt.p["c"], opt.p["d"]]), [], opt, num_layers=0)
     assert [n for n, _, _ in _named(opt, fp8_calls)] == [["c", "d"]]
+
+
+def test_selection_follows_the_optimizers_own_fp8_predicate(fp8_calls, monkeypatch):
+    """Since 0.19 the distributed optimizer picks the params it requantizes with
+    ``_is_fp8_param_for_param_gather`` (e.g. not grouped NVFP4 tensors, which are FP8-typed storage but
+    take another path); before, with ``is_float8tensor``. A param that the predicate leaves out (here d)
+    is left out of the outer write-back's requantize too, whatever ``is_float8tensor`` says."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    opt = FakeDistributedOptimizer(rank=1)
+    d = opt.p["d"]
+    if hasattr(DistributedOptimizer, "_is_fp8_param_for_param_gather"):
+        original = DistributedOptimizer._is_fp8_param_for_param_gather
+        monkeypatch.setattr(DistributedOptimizer, "_is_fp8_param_for_param_gather",
+                            classmethod(lambda cls, t: t is not d and original(t)))
+        opt._is_fp8_param_for_param_gather = DistributedOptimizer._is_fp8_param_for_param_gather
+    else:
+        from megatron.core import fp8_utils
+        from megatron.core.optimizer import distrib_optimizer
+
+        monkeypatch.setattr(fp8_utils, "is_float8tensor", lambda t: t is not d and _is_fp8(t))
+        monkeypatch.setattr(distrib_optimizer, "is_float8tensor", lambda t: t is not d and _is_fp8(t))
+    assert _is_fp8(d)
+    fp8.write_back_model_params(_unit(opt, opt.p.values()), [], opt, num_layers=0)
+    assert [n for n, _, _ in _named(opt, fp8_calls)] == [["a"], ["c"]]
+    params, _, _ = opt._get_fp8_params_and_shard_fp32_from_fp8()
+    assert [p for ps, _, _, _ in fp8_calls for p in ps] == params  # what the inner step requantizes
 
 
 def test_without_fp8_params_write_back_is_a_plain_copy(monkeypatch):

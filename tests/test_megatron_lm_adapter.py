@@ -34,7 +34,7 @@ def _megatron_lm_args(**over):
         streaming_pattern="strided", streaming_overlap_steps=1, streaming_mix_alpha=0.5, outer_grad_dtype=None,
         outer_grad_block_size=128, outer_grad_error_feedback=False, local_sgd_debug_slow_worker=None,
         local_sgd_debug_corrupt_worker=None,
-        data_parallel_size=4, num_layers=4, load=None, fp16=False, bf16=True, optimizer="adam", fp8=None,
+        data_parallel_size=4, num_layers=4, load=None, save=None, ckpt_format="torch_dist", fp16=False, bf16=True, optimizer="adam", fp8=None,
         fp8_param_gather=False, use_distributed_optimizer=True, overlap_param_gather=True,
         use_torch_fsdp2=False, use_megatron_fsdp=False, check_weight_hash_across_dp_replicas_interval=None,
         num_distributed_optimizer_instances=1, seed=1234, global_batch_size=16, train_iters=10,
@@ -44,16 +44,24 @@ def _megatron_lm_args(**over):
     return ns
 
 
-@pytest.fixture
-def fake_megatron_lm(monkeypatch, tmp_path):
-    """megatron.training.{arguments,initialize,training,global_vars} with the 0.16.1 signatures, in a tree
-    whose megatron/core/package_info.py says 0.16.1."""
+@pytest.fixture(params=["core_v0.16", "core_v0.19"])
+def fake_megatron_lm(request, monkeypatch, tmp_path):
+    """megatron.training.{arguments,initialize,training,global_vars} with the signatures of a core_v0.16.1
+    tree (arguments parsed inside initialize_megatron) or a core_v0.19 tree (``parse_and_validate_args``
+    in arguments), in a tree whose megatron/core/package_info.py says 0.16.1 / 0.19.1. The CPU switch of
+    install() is kept off: it would switch on the CPU layer for the rest of this test process."""
     from megatron.core import package_info
 
+    from megatron_edit import megatron_lm_cpu
+
+    flavour = request.param
+    tree, core = ("0.16.1", "0.16.1") if flavour == "core_v0.16" else ("0.19.1", "0.19.2")
     root = tmp_path / "megatron"
     (root / "training").mkdir(parents=True)
     (root / "core").mkdir()
-    (root / "core" / "package_info.py").write_text("MAJOR = 0\nMINOR = 16\nPATCH = 1\nPRE_RELEASE = ''\n")
+    major, minor, patch = tree.split(".")
+    (root / "core" / "package_info.py").write_text(
+        f"MAJOR = {major}\nMINOR = {minor}\nPATCH = {patch}\nPRE_RELEASE = ''\n")
     pkg = types.ModuleType("megatron.training")
     pkg.__file__ = str(root / "training" / "__init__.py")
     pkg.__path__ = [str(root / "training")]
@@ -83,18 +91,30 @@ def fake_megatron_lm(monkeypatch, tmp_path):
                                pg_collection=None, dump_param_to_param_group_map=None):
         return SimpleNamespace(step=lambda: (True, 1.0, 0))
 
+    def initialize_megatron(extra_args_provider=None, args_defaults={}, ignore_unknown_args=False,
+                            allow_no_cuda=False):
+        state.initialized.append(allow_no_cuda)
+
+    state.initialized = []
     arguments.parse_args = initialize.parse_args = parse_args
     arguments.validate_args = initialize.validate_args = validate_args
+    if flavour == "core_v0.19":  # core_v0.19 parses in arguments.parse_and_validate_args
+        arguments.parse_and_validate_args = lambda *a, **k: None
+        del initialize.parse_args, initialize.validate_args
     training.DDP, training.get_megatron_optimizer = DDP, get_megatron_optimizer
+    training.initialize_megatron = initialize_megatron
     global_vars.get_args = lambda: state.args
     for name, module in (("megatron.training", pkg), ("megatron.training.arguments", arguments),
                          ("megatron.training.initialize", initialize), ("megatron.training.training", training),
                          ("megatron.training.global_vars", global_vars)):
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(package_info, "__version__", "0.16.1")
+    monkeypatch.setattr(package_info, "__version__", core)
     monkeypatch.setattr(adapter, "_SESSION", adapter._Session())
+    monkeypatch.setattr(megatron_lm_cpu, "enable", lambda: False)
+    args_module = arguments if flavour == "core_v0.19" else initialize
     return SimpleNamespace(root=root, initialize=initialize, training=training, state=state, DDP=DDP,
-                           get_megatron_optimizer=get_megatron_optimizer)
+                           get_megatron_optimizer=get_megatron_optimizer, args_module=args_module,
+                           flavour=flavour, tree=tree)
 
 
 # ------------------------------------------------------------------ flags
@@ -115,11 +135,11 @@ def test_yaml_config_with_local_sgd_is_refused(fake_megatron_lm):
     f = fake_megatron_lm
     adapter.install()
     f.state.argv = ["--local-sgd", "edit"]
-    args = f.initialize.parse_args(lambda p: (p.add_argument("--yaml-cfg"), p)[1], False)
+    args = f.args_module.parse_args(lambda p: (p.add_argument("--yaml-cfg"), p)[1], False)
     assert args.local_sgd == "edit"  # no YAML: fine
     f.state.argv = ["--yaml-cfg", "run.yaml", "--local-sgd", "edit"]
     with pytest.raises(FlagError, match="^--yaml-cfg cannot be combined with --local-sgd"):
-        f.initialize.parse_args(lambda p: (p.add_argument("--yaml-cfg"), p)[1], False)
+        f.args_module.parse_args(lambda p: (p.add_argument("--yaml-cfg"), p)[1], False)
 
 
 def test_install_registers_flags_through_parse_args_and_wraps_the_seam(fake_megatron_lm):
@@ -127,35 +147,52 @@ def test_install_registers_flags_through_parse_args_and_wraps_the_seam(fake_mega
     adapter.install()
     assert adapter.installed()
     assert issubclass(f.training.DDP, f.DDP) and f.training.DDP is not f.DDP
-    wrapped = (f.initialize.parse_args, f.initialize.validate_args, f.training.DDP, f.training.get_megatron_optimizer)
+    wrapped = (f.args_module.parse_args, f.args_module.validate_args, f.training.DDP, f.training.get_megatron_optimizer,
+               f.training.initialize_megatron)
     adapter.install()  # idempotent: nothing wrapped twice
-    assert wrapped == (f.initialize.parse_args, f.initialize.validate_args, f.training.DDP,
-                       f.training.get_megatron_optimizer)
+    assert wrapped == (f.args_module.parse_args, f.args_module.validate_args, f.training.DDP,
+                       f.training.get_megatron_optimizer, f.training.initialize_megatron)
+    f.training.initialize_megatron(allow_no_cuda=False)
+    assert f.state.initialized == [False]  # with CUDA (or CPU mode off) Megatron-LM's own choice stands
     f.state.argv = ["--num-layers", "4", "--local-sgd", "diloco", "--local-sgd-workers", "2"]
-    args = f.initialize.parse_args(None, False)
+    args = f.args_module.parse_args(None, False)
     assert (args.local_sgd, args.local_sgd_workers) == ("diloco", 2)
-    f.initialize.validate_args(args, {})
+    f.args_module.validate_args(args, {})
     assert args.num_distributed_optimizer_instances == 2
     assert adapter._SESSION.cfg.method == "diloco" and adapter._SESSION.cfg.num_workers(4) == 2
 
 
 @pytest.mark.parametrize("tree,core,expected", [
-    ("0.17.0", "0.17.0", "this Megatron-LM checkout is megatron-core 0.17.0"),
+    ("0.17.1", "0.17.1", "this Megatron-LM checkout is megatron-core 0.17.1 and the imported megatron.core is 0.17.1"),
+    ("0.18.2", "0.18.2", "this Megatron-LM checkout is megatron-core 0.18.2"),
     ("0.16.0", "0.16.0", "this Megatron-LM checkout is megatron-core 0.16.0"),
-    ("0.16.1", "0.15.3", "but the imported megatron.core is 0.15.3"),
+    ("0.19.0rc1", "0.19.2", "this Megatron-LM checkout is megatron-core 0.19.0rc1"),
+    ("0.20.0", "0.20.0", "this Megatron-LM checkout is megatron-core 0.20.0"),
+    ("0.16.1", "0.19.2", "but the imported megatron.core is 0.19.2"),
+    ("0.19.1", "0.16.1", "but the imported megatron.core is 0.16.1"),
     (None, "0.15.3", "megatron.core 0.15.3 is not supported"),
+    (None, "0.18.2", "megatron.core 0.18.2 is not supported"),
 ])
 def test_unsupported_versions_are_refused_in_one_line(fake_megatron_lm, tree, core, expected):
     with pytest.raises(adapter.AdapterError) as e:
         adapter.check_megatron_lm(core, tree)
-    assert expected in str(e.value) and "core_v0.16.1" in str(e.value) and "\n" not in str(e.value)
+    message = str(e.value)
+    assert expected in message and "\n" not in message
+    assert "core_v0.16.1" in message and "core_v0.19.x" in message  # the supported combinations
+
+
+@pytest.mark.parametrize("tree,core", [("0.16.1", "0.16.1"), ("0.16.1", "0.16.2"), ("0.19.1", "0.19.2"),
+                                       ("0.19.0", "0.19.0"), (None, "0.19.2")])
+def test_supported_trees_pass(fake_megatron_lm, tree, core):
+    adapter.check_megatron_lm(core, tree)
 
 
 def test_tree_version_is_read_from_the_checkout(fake_megatron_lm, tmp_path):
-    assert adapter.megatron_lm_tree_version(str(fake_megatron_lm.root / "training" / "__init__.py")) == "0.16.1"
-    (fake_megatron_lm.root / "core" / "package_info.py").write_text("MAJOR = 0\nMINOR = 17\nPATCH = 0\n"
-                                                                     "PRE_RELEASE = 'rc0'\n")
-    with pytest.raises(adapter.AdapterError, match="checkout is megatron-core 0.17.0rc0"):
+    tree = fake_megatron_lm.tree
+    assert adapter.megatron_lm_tree_version(str(fake_megatron_lm.root / "training" / "__init__.py")) == tree
+    (fake_megatron_lm.root / "core" / "package_info.py").write_text(
+        f"MAJOR = 0\nMINOR = {tree.split('.')[1]}\nPATCH = 0\nPRE_RELEASE = 'rc0'\n")
+    with pytest.raises(adapter.AdapterError, match=f"checkout is megatron-core 0.{tree.split('.')[1]}.0rc0"):
         adapter.install()
     assert not adapter.installed()  # refused before anything was replaced
     assert adapter.megatron_lm_tree_version(str(tmp_path / "elsewhere" / "training" / "__init__.py")) is None
@@ -174,7 +211,11 @@ def test_a_changed_seam_is_refused_before_anything_is_replaced(fake_megatron_lm)
     del f.training.DDP
     with pytest.raises(adapter.AdapterError, match="Megatron-LM has no megatron.training.training.DDP"):
         adapter.install()
-    assert f.initialize.parse_args is sys.modules["megatron.training.arguments"].parse_args
+    assert not getattr(f.args_module.parse_args, "megatron_edit", False)  # nothing replaced
+    del f.training.initialize_megatron
+    f.training.DDP = f.DDP
+    with pytest.raises(adapter.AdapterError, match="no megatron.training.training.initialize_megatron"):
+        adapter.install()
 
 
 # ------------------------------------------------------------------ our rules on Megatron-LM's namespace
@@ -197,7 +238,8 @@ def test_validate_sets_the_instances_and_builds_the_config():
 
 @pytest.mark.parametrize("over,argv,message", [
     (dict(local_sgd="a-edit"), ["--local-sgd", "a-edit"], "--local-sgd a-edit is not supported"),
-    (dict(local_sgd="diloco", load="/ckpt"), ["--local-sgd", "diloco"], "--load:"),
+    (dict(local_sgd="diloco", save="/ckpt", ckpt_format="torch"), ["--local-sgd", "diloco"],
+     "--ckpt-format torch cannot hold the local-SGD state"),
     (dict(local_sgd="diloco", local_sgd_workers=3), ["--local-sgd", "diloco", "--local-sgd-workers", "3"],
      "--local-sgd-workers 3 does not divide the data-parallel size 4"),
     (dict(local_sgd="edit", overlap_param_gather=False), ["--local-sgd", "edit"],
@@ -278,7 +320,8 @@ def test_ddp_gets_worker_groups_and_one_instance(fake_megatron_lm):
     base = fake_megatron_lm.DDP
     session = adapter._Session(cfg=SimpleNamespace(), pgc="worker-pgc")
     cls = adapter.worker_local_ddp_class(base, session)
-    assert list(inspect.signature(cls).parameters) == list(inspect.signature(base).parameters)
+    params = list(inspect.signature(cls).parameters)
+    assert params[:-1] == list(inspect.signature(base).parameters) and params[-1] == "kwargs"
     ddp_config = SimpleNamespace(num_distributed_optimizer_instances=2, bucket_size=10)
     ddp = cls(config="cfg", ddp_config=ddp_config, module="m", disable_bucketing=True)
     assert isinstance(ddp, base) and ddp.pg_collection == "worker-pgc"
@@ -286,6 +329,51 @@ def test_ddp_gets_worker_groups_and_one_instance(fake_megatron_lm):
     assert ddp_config.num_distributed_optimizer_instances == 2  # Megatron-LM's own config is not mutated
     plain = adapter.worker_local_ddp_class(base, adapter._Session())(config="cfg", ddp_config=ddp_config, module="m")
     assert plain.pg_collection is None and plain.ddp_config is ddp_config
+
+
+def test_ddp_passes_what_newer_trees_add_through():
+    """core_v0.19's wrap_model_chunks_with_ddp passes full_param_layout= (a TypeError before)."""
+
+    class DDP019:
+        def __init__(self, config, ddp_config, module, disable_bucketing=False, pg_collection=None,
+                     full_param_layout=None):
+            self.full_param_layout, self.pg_collection = full_param_layout, pg_collection
+
+    session = adapter._Session(cfg=SimpleNamespace(), pgc="worker-pgc")
+    ddp = adapter.worker_local_ddp_class(DDP019, session)(
+        config="cfg", ddp_config=SimpleNamespace(num_distributed_optimizer_instances=2), module="m",
+        full_param_layout="layout")
+    assert (ddp.full_param_layout, ddp.pg_collection) == ("layout", "worker-pgc")
+
+
+# ------------------------------------------------------------------ CPU mode (megatron_lm_cpu)
+def test_cpu_mode_sets_cpu_flags_allows_no_cuda_and_unbatched_p2p(monkeypatch, capsys):
+    from megatron_edit import megatron_lm_cpu
+
+    def initialize_megatron(extra_args_provider=None, args_defaults={}, ignore_unknown_args=False,
+                            allow_no_cuda=False, store=None):
+        return allow_no_cuda
+
+    wrapped = megatron_lm_cpu.wrap_initialize_megatron(initialize_megatron)
+    args = SimpleNamespace(rank=0, distributed_backend="nccl", transformer_impl="transformer_engine",
+                           no_persist_layer_norm=False, gradient_accumulation_fusion=True,
+                           masked_softmax_fusion=True, bias_gelu_fusion=True, bias_swiglu_fusion=True,
+                           bias_dropout_fusion=True, apply_rope_fusion=True, cross_entropy_loss_fusion=False)
+    config = SimpleNamespace(batch_p2p_comm=True)
+    monkeypatch.setattr(megatron_lm_cpu, "_ENABLED", False)  # with CUDA: nothing changes
+    megatron_lm_cpu.adjust_args(args)
+    megatron_lm_cpu.adjust_model_config(config)
+    assert wrapped(None, {}, False, False) is False and args.distributed_backend == "nccl"
+    assert config.batch_p2p_comm is True
+
+    monkeypatch.setattr(megatron_lm_cpu, "_ENABLED", True)
+    megatron_lm_cpu.adjust_args(args)
+    megatron_lm_cpu.adjust_model_config(config)
+    assert wrapped(None, {}, False, False) is True and wrapped(store="s") is True  # positional or not
+    assert {k: getattr(args, k) for k in megatron_lm_cpu.CPU_ARGS} == megatron_lm_cpu.CPU_ARGS
+    assert config.batch_p2p_comm is False
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "distributed_backend" in err and "cross_entropy_loss_fusion" not in err
 
 
 # ------------------------------------------------------------------ the launcher

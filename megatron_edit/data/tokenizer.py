@@ -1,7 +1,8 @@
 """Build the megatron-core tokenizer the dataset and the model share, after checking its inputs.
 
-megatron-core 0.16.1 ships the tokenizers (``megatron.core.tokenizers.MegatronTokenizer.from_pretrained``
-with the ``sentencepiece`` and ``null`` libraries); we only add the checks whose failure would otherwise
+megatron-core ships the tokenizers (``megatron.core.tokenizers.MegatronTokenizer.from_pretrained``
+with the sentencepiece and null libraries; the null one through mcore_adapter.null_tokenizer, whose
+library name and vocabulary changed in 0.17 / 0.18); we only add the checks whose failure would otherwise
 surface much later: a model file that is missing or not a sentencepiece model, and a ``--vocab-size``
 that disagrees with the model (the embedding table would silently be the wrong size).
 
@@ -43,9 +44,9 @@ def build_tokenizer(
 def _build_null(vocab_size: Optional[int]) -> Any:
     if vocab_size is None:
         raise DataError(f"{NULL} needs --vocab-size (it has no model file to read it from)")
-    from megatron.core.tokenizers import MegatronTokenizer
+    from megatron_edit import mcore_adapter
 
-    return MegatronTokenizer.from_pretrained(metadata_path={"library": "null"}, vocab_size=vocab_size)
+    return mcore_adapter.null_tokenizer(vocab_size)
 
 
 def _build_sentencepiece(tokenizer_model: Optional[str], vocab_size: Optional[int]) -> Any:

@@ -181,6 +181,9 @@ def build_ddp_config(args):
         use_distributed_optimizer=args.use_distributed_optimizer,
         num_distributed_optimizer_instances=1,  # instances are our workers; see topology.py
         check_for_nan_in_grad=False,
+        # FP8 weights in the param buffer (uint8), requantized from the fp32 main shards after every step:
+        # since 0.17.1 the distributed optimizer requantizes only when this is set (SPEC 5b).
+        fp8_param_gather=bool(args.fp8_param_gather),
     )
     if args.ddp_bucket_size is not None:
         kwargs["bucket_size"] = args.ddp_bucket_size
@@ -189,6 +192,8 @@ def build_ddp_config(args):
 
 def wrap_ddp(args, config, chunks, topology: WorkerTopology):
     from megatron.core.distributed import DistributedDataParallel
+
+    from megatron_edit import mcore_adapter
 
     pgc = worker_process_groups(topology)
     ddp_config = build_ddp_config(args)
@@ -200,14 +205,15 @@ def wrap_ddp(args, config, chunks, topology: WorkerTopology):
         chunks = [Float16Module(config, chunk) for chunk in chunks]
     wrapped = []
     for i, chunk in enumerate(chunks):
+        disable_bucketing = i > 0  # Megatron-LM disables bucketing for all but the first virtual chunk
         wrapped.append(
             DistributedDataParallel(
                 config,
                 ddp_config,
                 chunk,
-                # Megatron-LM disables bucketing for all but the first virtual chunk.
-                disable_bucketing=i > 0,
+                disable_bucketing=disable_bucketing,
                 pg_collection=pgc,
+                **mcore_adapter.ddp_layout_kwargs(chunk, ddp_config, pgc, disable_bucketing),
             )
         )
     return wrapped, pgc
