@@ -26,7 +26,8 @@ setup(
         "test": ["pytest", "tensorboard", "matplotlib", "transformers>=4.46", "safetensors"],
         "hf": ["transformers>=4.46", "safetensors"],  # tools/convert_checkpoint.py --to hf
         "te": ["transformer-engine[pytorch]"],
-        # Megatron-LM's megatron/training imports these (it is not on PyPI: clone it; README)
-        "megatron-lm": ["six", "regex", "pyyaml", "pydantic", "triton"],
+        # Megatron-LM's megatron/training imports these, and it compiles its dataset helpers with pybind11
+        # at start-up (it is not on PyPI: clone it; README)
+        "megatron-lm": ["six", "regex", "pyyaml", "pydantic", "triton", "pybind11"],
     },
 )

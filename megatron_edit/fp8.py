@@ -73,12 +73,12 @@ def requantize_batches(unit, model_chunks, optimizer, num_layers: int) -> list[t
         return []
     member = _unit_members(unit, model_chunks, num_layers)
     batches = []
-    for bucket_params, group in mcore_adapter.optimizer_bucket_params(optimizer):
+    for bucket_params, group, owner in mcore_adapter.optimizer_bucket_params(optimizer):
         params = [p for p in bucket_params if p in fp8_params and member(p)]
         if params:
             mains = [fp8_params[p][0] for p in params]
             offsets = [fp8_params[p][1] for p in params]
-            batches.append((*mcore_adapter.expand_quantized_param_shards(params, mains, offsets), group))
+            batches.append((*mcore_adapter.expand_quantized_param_shards(owner, params, mains, offsets), group))
     return batches
 
 

@@ -31,12 +31,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.path.insert(0, os.path.dirname(script))
 
     from megatron_edit.arguments import FlagError
+    from megatron_edit.checkpoint.megatron_lm import CheckpointFormatError
     from megatron_edit.megatron_lm_adapter import AdapterError, install
 
     try:
         install()
         runpy.run_path(script, run_name="__main__")
-    except (AdapterError, FlagError) as e:
+    except (AdapterError, FlagError, CheckpointFormatError) as e:
         print(f"megatron_edit.launch: {e}", file=sys.stderr)
         return 2
     return 0

@@ -223,6 +223,50 @@ def init_torch_adam_state(optimizer: Any) -> None:
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+_LR_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _param_group_lists(tree: Any):
+    if isinstance(tree, dict):
+        if isinstance(tree.get("param_groups"), list):
+            yield tree["param_groups"]
+        for value in tree.values():
+            yield from _param_group_lists(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _param_group_lists(value)
+
+
+def align_saved_param_groups(optimizer: Any, saved_state: Any) -> None:
+    """Before ``optimizer.load_state_dict(saved_state)``: the saved param groups take this run's
+    ``max_lr`` / ``min_lr`` / ``start_wd`` / ``end_wd``. Since 0.19 megatron-core matches saved groups to
+    live ones by these keys too (``param_group_identifier_keys``: a KeyError when ``--lr`` or ``--min-lr``
+    changed across a resume); before, the load copied the saved values into the live groups, where the
+    scheduler reads them first, so ``--override-opt-param-scheduler`` with a new ``--lr`` kept the old
+    peak. The scheduler decides afterwards (set_param_group_lr_bounds)."""
+    live = [g for opt in sub_optimizers(optimizer) for g in getattr(opt, "param_groups", [])]
+    for groups in _param_group_lists(saved_state):
+        for saved in groups:
+            if not isinstance(saved, dict):
+                continue
+            for group in live:
+                same = all(saved.get(k) == group.get(k) for k in ("wd_mult", "lr_mult", "is_expert_parallel",
+                                                                  "is_decoupled_lr") if k in saved and k in group)
+                if same:
+                    saved.update({k: group[k] for k in _LR_KEYS if k in group})
+                    break
+
+
+def set_param_group_lr_bounds(optimizer: Any, max_lr: float, min_lr: float) -> None:
+    """Every param group's ``max_lr`` / ``min_lr`` := the scheduler's (no per-group LR overrides here)."""
+    for opt in sub_optimizers(optimizer):
+        for group in getattr(opt, "param_groups", []):
+            if "max_lr" in group:
+                group["max_lr"] = max_lr
+            if "min_lr" in group:
+                group["min_lr"] = min_lr
+
+
 def inner_optimizer_step(optimizer: Any) -> Optional[float]:
     """The shared torch-Adam ``step`` of the inner optimizer (None for SGD or before the first step)."""
     for opt in sub_optimizers(optimizer):
@@ -286,24 +330,26 @@ def fp8_param_shards(optimizer: Any) -> dict:
 def is_fp8_param_for_param_gather(param: Any) -> bool:
     """Whether the distributed optimizer requantizes this param from its fp32 main shard after a step:
     ``DistributedOptimizer._is_fp8_param_for_param_gather`` since 0.19 (FP8 / MXFP8 tensors and grouped
-    quantized tensors, not grouped NVFP4); ``fp8_utils.is_float8tensor`` before (probe: the method)."""
+    quantized tensors, not grouped NVFP4), ``_is_distopt_quantized_param`` in 0.18 (FP8 and grouped
+    quantized tensors), ``fp8_utils.is_float8tensor`` before (probes: the methods)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    predicate = getattr(DistributedOptimizer, "_is_fp8_param_for_param_gather", None)
-    if predicate is not None:
-        return bool(predicate(param))
+    for name in ("_is_fp8_param_for_param_gather", "_is_distopt_quantized_param"):  # 0.19, 0.18
+        predicate = getattr(DistributedOptimizer, name, None)
+        if predicate is not None:
+            return bool(predicate(param))
     from megatron.core import fp8_utils
 
     return bool(fp8_utils.is_float8tensor(param))
 
 
-def expand_quantized_param_shards(params: list, mains: list, offsets: list) -> tuple[list, list, list]:
-    """What the inner step hands ``quantize_param_shard`` for these FP8 params: since 0.19 a grouped
-    quantized param is split into its member tensors with member-aligned main shards
-    (``DistributedOptimizer._expand_quantized_param_shard_for_cast``); unchanged before."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    expand = getattr(DistributedOptimizer, "_expand_quantized_param_shard_for_cast", None)
+def expand_quantized_param_shards(optimizer: Any, params: list, mains: list,
+                                  offsets: list) -> tuple[list, list, list]:
+    """What the inner step hands ``quantize_param_shard`` for these FP8 params of ``optimizer`` (one
+    distributed optimizer): since 0.18 a grouped quantized param is split into its member tensors with
+    member-aligned main shards (``_expand_quantized_param_shard_for_cast``: an instance method in 0.18, a
+    classmethod since 0.19; called on the optimizer, which works for both); unchanged before."""
+    expand = getattr(optimizer, "_expand_quantized_param_shard_for_cast", None)  # 0.18: an instance method
     if expand is None:
         return params, mains, offsets
     out = ([], [], [])
@@ -313,14 +359,15 @@ def expand_quantized_param_shards(params: list, mains: list, offsets: list) -> t
     return out
 
 
-def optimizer_bucket_params(optimizer: Any) -> list[tuple[list, Any]]:
-    """(params of one DDP bucket in bucket order, the shard group) for every bucket of every distributed
-    optimizer in the chain: ``DistributedOptimizer.buffers`` -> ``buckets`` -> ``params_list`` and its
-    ``data_parallel_group`` (0.16.1 attributes). The order is the same on every rank of the group."""
+def optimizer_bucket_params(optimizer: Any) -> list[tuple[list, Any, Any]]:
+    """(params of one DDP bucket in bucket order, the shard group, the distributed optimizer) for every
+    bucket of every distributed optimizer in the chain: ``DistributedOptimizer.buffers`` -> ``buckets``
+    -> ``params_list`` and its ``data_parallel_group`` (0.16.1 to 0.19.2). The order is the same on
+    every rank of the group."""
     out = []
     for opt in sub_optimizers(optimizer):
         if hasattr(opt, "_get_fp8_params_and_shard_fp32_from_fp8"):
             for buffer in opt.buffers:
                 for bucket in buffer.buckets:
-                    out.append((list(bucket.params_list), opt.data_parallel_group))
+                    out.append((list(bucket.params_list), opt.data_parallel_group, opt))
     return out

@@ -64,6 +64,7 @@ SEAM = {
         "config", "model_chunks", "use_gloo_process_groups", "pg_collection"),
     "megatron.training.training.DDP": ("config", "ddp_config", "module", "disable_bucketing", "pg_collection"),
     "megatron.training.global_vars.get_args": (),
+    "megatron.training.checkpointing.get_load_checkpoint_path_by_args": ("args", "load_arg"),
 }
 
 
@@ -196,6 +197,11 @@ def local_sgd_config_from_megatron_args(args: argparse.Namespace, argv) -> Optio
         (cfg.layerwise and not (args.use_distributed_optimizer and args.overlap_param_gather),
          "--local-sgd-layerwise needs --use-distributed-optimizer and --overlap-param-gather; or pass "
          "--no-local-sgd-layerwise"),
+        # That option dispatches the parameter all-gathers inside optimizer.step(), before the engine marks
+        # the layer-wise units pending, so an outer update would never be gathered.
+        (cfg.layerwise and getattr(args, "overlap_param_gather_with_optimizer_step", False),
+         "--overlap-param-gather-with-optimizer-step cannot be combined with --local-sgd-layerwise; pass "
+         "--no-local-sgd-layerwise or drop it"),
     ]
     for broken, message in rules:
         if broken:
@@ -310,13 +316,17 @@ def _print_sync_report(report) -> None:
 
 def wrap_get_megatron_optimizer(original: Callable, session: _Session, iteration_fn: Callable[[], int],
                                 engine_factory: Optional[Callable] = None,
-                                report_fn: Optional[Callable] = _print_sync_report):
-    """The optimizer over the worker's groups (SPEC section 5 wiring), with the engine on its step."""
+                                report_fn: Optional[Callable] = _print_sync_report,
+                                attach_checkpointing: bool = True):
+    """The optimizer over the worker's groups (SPEC section 5 wiring), with the engine on its step and
+    the local-SGD state in its checkpoint state (checkpoint/megatron_lm.py)."""
     signature = inspect.signature(original)
 
     def get_megatron_optimizer(*args, **kwargs):
         if session.cfg is None:
-            return original(*args, **kwargs)
+            optimizer = original(*args, **kwargs)
+            megatron_lm_cpu.adjust_optimizer(optimizer)
+            return optimizer
         bound = signature.bind(*args, **kwargs)
         bound.arguments["pg_collection"] = session.process_groups()
         bound.arguments["use_gloo_process_groups"] = False  # the worker groups have no gloo twins
@@ -327,6 +337,11 @@ def wrap_get_megatron_optimizer(original: Callable, session: _Session, iteration
         chunks = bound.arguments["model_chunks"]
         session.engine = (engine_factory or _make_engine)(session, chunks, optimizer)
         hook_optimizer_step(optimizer, session.engine, iteration_fn, report_fn)
+        if attach_checkpointing:
+            from megatron_edit.checkpoint import megatron_lm as checkpointing
+
+            checkpointing.attach(optimizer, session.engine, session.topology.worker_index,
+                                 session.topology.num_workers)
         return optimizer
 
     get_megatron_optimizer.megatron_edit = True
@@ -362,7 +377,7 @@ def install() -> None:
 
     megatron_lm_cpu.enable()
     for module in ("megatron.training.arguments", "megatron.training.initialize", "megatron.training.training",
-                   "megatron.training.global_vars"):
+                   "megatron.training.global_vars", "megatron.training.checkpointing"):
         try:
             importlib.import_module(module)
         except ImportError as e:

@@ -6,6 +6,8 @@ Megatron-LM at all. When CUDA is absent (never when it is present), ``enable()``
 ``megatron_lm_adapter.install()`` before Megatron-LM builds anything, and then:
 
 * megatron-core's CPU / gloo compatibility layer (cpu_compat) is switched on;
+* Megatron-LM's argument checks see GPU architecture 0 (``get_device_arch_version``, asked with TP > 1),
+  and ``CUDA_DEVICE_MAX_CONNECTIONS=1`` is set if unset (they assert it below Blackwell);
 * ``initialize_megatron`` is called with ``allow_no_cuda=True`` (its CUDA assert);
 * ``megatron.legacy.fused_kernels.load`` (0.16 trees; gone from core_v0.19) builds nothing;
 * before Megatron-LM's own ``validate_args``: ``--distributed-backend gloo``, ``--transformer-impl local``,
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 from typing import Any, Callable
 
@@ -60,12 +63,23 @@ def enable() -> bool:
     from megatron_edit import cpu_compat
 
     cpu_compat.activate(True)
+    # Megatron-LM asserts this with TP > 1 on GPUs before Blackwell (architecture 0 here, below); it
+    # orders CUDA kernel launches and means nothing on CPU.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     try:
         from megatron.legacy import fused_kernels  # Megatron-LM core_v0.16 trees
     except ImportError:
         fused_kernels = None
     if fused_kernels is not None and hasattr(fused_kernels, "load"):
         fused_kernels.load = lambda *args, **kwargs: None
+    try:
+        from megatron.training import arguments
+    except ImportError:  # not a Megatron-LM tree: install() says so in one line
+        arguments = None
+    if arguments is not None and hasattr(arguments, "get_device_arch_version"):
+        # validate_args asks for the GPU architecture (with TP > 1); a CPU has none. torch's own
+        # get_device_properties stays untouched: torch.compile reads it too.
+        arguments.get_device_arch_version = lambda: 0
     _ENABLED = True
     return True
 
@@ -88,6 +102,37 @@ def adjust_model_config(config: Any) -> None:
     """The model's TransformerConfig, before the schedules read it (a no-op with CUDA)."""
     if _ENABLED and config is not None and hasattr(config, "batch_p2p_comm"):
         config.batch_p2p_comm = False
+
+
+def adjust_optimizer(optimizer: Any) -> None:
+    """Without Apex / TE, megatron-core falls back to torch's Adam, whose state is empty until the first
+    step; the distributed optimizer's checkpoint code asserts one shared ``step`` (and its
+    ``fully_reshardable`` loader expects ``step`` among the loaded keys), so a ``--load`` would fail
+    before the first step; and its load puts one ``step`` tensor into every param's state, which torch's
+    Adam then increments once per param (bias correction runs ahead after a resume). Both are fixed
+    around the optimizer's load (mcore_adapter); the local-SGD checkpoint wrapper
+    (checkpoint/megatron_lm.py) does the same on any hardware."""
+    if not _ENABLED or optimizer is None:
+        return
+    from megatron_edit import mcore_adapter
+
+    original_sharded_state_dict, original_load_state_dict = optimizer.sharded_state_dict, optimizer.load_state_dict
+
+    def sharded_state_dict(model_sharded_state_dict, is_loading: bool = False, **kwargs):
+        if is_loading:
+            mcore_adapter.init_torch_adam_state(optimizer)
+            mcore_adapter.patch_fully_reshardable_load(optimizer)
+        return original_sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, **kwargs)
+
+    def load_state_dict(state_dict):
+        result = original_load_state_dict(state_dict)
+        step = mcore_adapter.inner_optimizer_step(optimizer)
+        if step is not None:  # one loaded step tensor shared by every param (set_inner_optimizer_step)
+            mcore_adapter.set_inner_optimizer_step(optimizer, step)
+        return result
+
+    optimizer.sharded_state_dict = sharded_state_dict
+    optimizer.load_state_dict = load_state_dict
 
 
 def wrap_initialize_megatron(original: Callable) -> Callable:

@@ -103,8 +103,10 @@ def test_a_edit_saves_at_a_sync_and_resumes(tmp_path):
     # Agreed samples count each worker's steps (2 samples each), so they need not be a multiple of 4.
     agreed = {r["consumed_samples"] for r in first}
     assert len(agreed) == 1 and agreed.pop() // 4 == iteration >= 12
+    # A new peak LR with --override-opt-param-scheduler (megatron-core 0.19 matches saved param groups by
+    # their max_lr / min_lr too: mcore_adapter.align_saved_param_groups).
     second = run_training(argv + ["--train-iters", "20", "--load", root, "--save", root,
-                                  "--override-opt-param-scheduler"], 2,
+                                  "--override-opt-param-scheduler", "--lr", "5e-3"], 2,
                           keep_params=False)
     agreed = {r["consumed_samples"] for r in second}
     assert len(agreed) == 1 and agreed.pop() // 4 == files.read_tracker(root) >= 20

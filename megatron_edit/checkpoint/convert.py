@@ -24,12 +24,12 @@ SOURCES = ("anchor", "average", "worker")
 
 def resolve(root: str, step: Optional[int] = None) -> tuple[str, int]:
     """(iteration directory, iteration) of --load-style root (latest marker) or an iteration dir."""
-    if os.path.exists(os.path.join(root, "common.pt")):
+    if os.path.exists(os.path.join(root, ".metadata")):  # an iteration directory (every release writes it)
         name = os.path.basename(os.path.normpath(root))
         return root, int(name.split("_")[-1]) if name.startswith("iter_") else -1
     iteration = step if step is not None else files.read_tracker(root)
     if iteration is None:
-        raise files.CheckpointError(f"{root}: no {files.TRACKER} and no common.pt: not a checkpoint")
+        raise files.CheckpointError(f"{root}: no {files.TRACKER} and no .metadata: not a checkpoint")
     directory = files.iteration_dir(root, iteration)
     if not os.path.isdir(directory):
         raise files.CheckpointError(f"{directory}: does not exist")
@@ -42,7 +42,7 @@ def read_common(directory: str) -> dict:
     try:
         return dist_checkpointing.load_common_state_dict(directory)
     except Exception as e:  # noqa: BLE001
-        raise files.CheckpointError(f"{os.path.join(directory, 'common.pt')}: cannot be read ({e})") from None
+        raise files.CheckpointError(f"{directory}: its common state cannot be read ({e})") from None
 
 
 def init_single_process() -> None:

@@ -1,9 +1,10 @@
 """Save and load a whole training run with megatron-core dist_checkpointing (torch_dist).
 
 One checkpoint holds:
-- common (``common.pt``, rank 0): args, iteration, LR scheduler, the inner optimizers' param groups and
-  ``megatron_edit``: method, number of workers, layout, penalty statistics, streaming fragments in flight,
-  A-EDiT's agreed sample count, the fault-injection generator;
+- common (rank 0; ``common.pt`` before megatron-core 0.19, a ``common_state`` object since): args,
+  iteration, LR scheduler, the inner optimizers' param groups and ``megatron_edit``: method, number of
+  workers, layout, penalty statistics, streaming fragments in flight, A-EDiT's agreed sample count, the
+  fault-injection generator (local_sgd_state.metadata);
 - every worker's model and inner optimizer (``fully_reshardable``: model space), keyed per worker
   (worker_keys.py);
 - the outer state ``local_sgd.anchor.<key>`` / ``local_sgd.momentum.<key>``, the reduced pseudo-gradients
@@ -21,7 +22,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -29,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_edit import mcore_adapter
-from megatron_edit.checkpoint import files
-from megatron_edit.checkpoint.model_space import from_model_space, sharded_entries, to_model_space
+from megatron_edit.checkpoint import files, local_sgd_state
+from megatron_edit.checkpoint.local_sgd_state import LocalSGDPlan
 from megatron_edit.checkpoint.worker_keys import rekey_for_worker, source_worker
 
 FORMAT = 1
@@ -44,11 +45,8 @@ class Plan:
     worker: int  # whose keys: the own worker (save) or the saved worker continued from (load)
     saved_workers: int = 1
     optimizer: bool = True
-    outer_state: bool = False
-    momentum: bool = False
-    inflight_units: tuple = ()
-    error_feedback_units: tuple = ()
     same_layout: bool = True
+    local_sgd: LocalSGDPlan = field(default_factory=LocalSGDPlan)
 
 
 def _layout(trainer) -> dict:
@@ -79,58 +77,6 @@ def _model_sharded_state_dict(trainer) -> dict:
     return {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(trainer.model)}
 
 
-def _unit_values(ls, units: tuple, tensor_of_unit) -> list[torch.Tensor]:
-    """Per shard, its slice of a flat per-unit tensor (reduced deltas in flight, error-feedback
-    residuals); zeros for shards of other units. Always the whole model: a stacked layer key
-    (``decoder.layers.*``) must be covered completely, and zeros are what those units hold in effect
-    (no delta in flight; a residual of zero)."""
-    by_shard = {}
-    for index in units:
-        unit = ls.units[index]
-        flat = tensor_of_unit(unit)
-        offset = 0
-        for s in unit.shards:
-            n = s.main.numel()
-            by_shard[id(s)] = flat[offset:offset + n]
-            offset += n
-    return [by_shard.get(id(s), torch.zeros(s.main.numel())) for s in ls.shards]
-
-
-def _residual(unit) -> torch.Tensor:
-    residual = unit.error_feedback.residual
-    return residual if residual is not None else torch.zeros(unit.numel)
-
-
-def _outer_values(trainer, plan: Plan, is_loading: bool) -> dict[str, tuple[dict, bool]]:
-    """{name: ({param: full tensor}, kept per worker?)}: the local-SGD tensors in model space. Loading
-    only needs the shapes: every param of the stage gets a buffer."""
-    from megatron_edit.checkpoint.model_space import ordered_params
-
-    ls = trainer.local_sgd
-    names = []
-    if plan.outer_state:
-        names.append("anchor")
-        if plan.momentum:
-            names.append("momentum")
-    if plan.inflight_units:
-        names.append("inflight")
-    if plan.error_feedback_units:
-        names.append("error_feedback")
-    per_worker = {"error_feedback"}
-    if is_loading:
-        params = ordered_params(trainer.model)
-        return {n: ({p: torch.zeros(p.shape, dtype=torch.float32) for p in params}, n in per_worker)
-                for n in names}
-    values = {
-        "anchor": lambda: [s.anchor for s in ls.shards],
-        "momentum": lambda: [s.momentum for s in ls.shards],
-        "inflight": lambda: _unit_values(ls, plan.inflight_units, lambda u: u.combined),
-        "error_feedback": lambda: _unit_values(ls, plan.error_feedback_units, _residual),
-    }
-    return {n: (to_model_space(trainer.model, ls.shards, values[n](), trainer.topology.intra_dp_group,
-                               ls.distributed_optimizer), n in per_worker) for n in names}
-
-
 def build_state_dict(trainer, plan: Plan, is_loading: bool) -> tuple[dict, dict]:
     """(sharded state dict for dist_checkpointing, {name: {index: param}} to map loaded tensors back)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -144,12 +90,8 @@ def build_state_dict(trainer, plan: Plan, is_loading: bool) -> tuple[dict, dict]
     local: dict = {}
     params_of: dict = {}
     if trainer.local_sgd is not None:
-        for name, (values, per_worker) in _outer_values(trainer, plan, is_loading).items():
-            entries = sharded_entries(model_sd, values, name)
-            params_of[name] = {k: p for k, (p, _) in entries.items()}
-            local[name] = {k: sh for k, (_, sh) in entries.items()}
-            if per_worker:
-                rekey_for_worker(local[name], plan.worker, intra)
+        local, params_of = local_sgd_state.sharded_state(trainer.local_sgd, model_sd, plan.local_sgd, plan.worker,
+                                                         is_loading)
 
     per_worker_sd = dict(model_sd)
     if plan.optimizer:
@@ -195,20 +137,11 @@ def _rank_state(trainer) -> dict:
 
 def _common(trainer, plan: Plan) -> dict:
     ls = trainer.local_sgd
-    meta = {"format": FORMAT, "method": ls.cfg.method if ls else None, "layout": _layout(trainer),
+    meta = {"format": FORMAT, "method": None, "layout": _layout(trainer),
             "num_workers": trainer.topology.num_workers, "optimizer": plan.optimizer,
-            "outer_state": plan.outer_state, "momentum": plan.momentum}
+            "outer_state": False, "momentum": False}
     if ls is not None:
-        meta.update(
-            penalty_stats={k: v.detach().cpu() for k, v in ls.stats.state_dict().items()},
-            inflight=[{"unit": i, "name": ls.units[i].name, "advanced": ls.units[i].advanced,
-                       "skip": ls.units[i].skip.detach().cpu()} for i in plan.inflight_units],
-            error_feedback_units=list(plan.error_feedback_units),
-            units=[u.name for u in ls.units],
-            schedule=_schedule_signature(ls),
-            corrupt_generator=ls._corrupt_gen.get_state(),
-            agreed_samples=ls.async_ctl.agreed_samples if ls.async_ctl is not None else None,
-        )
+        meta.update(local_sgd_state.metadata(ls, plan.local_sgd))
     return {
         "checkpoint_version": 3.0,
         "iteration": checkpoint_iteration(trainer),
@@ -216,13 +149,6 @@ def _common(trainer, plan: Plan) -> dict:
         "opt_param_scheduler": trainer.scheduler.state_dict(),
         "megatron_edit": meta,
     }
-
-
-def _schedule_signature(ls) -> dict:
-    c = ls.cfg
-    return {"method": c.method, "sync_interval": c.sync_interval, "warmup_iters": c.warmup_iters,
-            "fragments": len(ls.units) if ls.streaming else None, "pattern": c.streaming_pattern,
-            "overlap": c.streaming_overlap_steps, "layerwise": c.layerwise}
 
 
 # ---------------------------------------------------------------- save
@@ -255,14 +181,7 @@ def save_checkpoint(trainer) -> str:
     plan = Plan(worker=trainer.topology.worker_index, saved_workers=trainer.topology.num_workers)
     if ls is not None:
         ls.complete_in_flight()
-        plan.outer_state = bool(ls.shards) and ls.shards[0].anchor is not None
-        plan.outer_state = _all_agree(plan.outer_state)
-        plan.momentum = plan.outer_state and ls.with_momentum
-        plan.inflight_units = tuple(i for i, u in enumerate(ls.units) if u.launched and u.combined is not None)
-        plan.error_feedback_units = tuple(i for i, u in enumerate(ls.units)
-                                          if u.error_feedback is not None and u.error_feedback.residual is not None)
-        plan.error_feedback_units = tuple(range(len(ls.units))) if _all_agree(bool(plan.error_feedback_units)) \
-            else ()
+        plan.local_sgd = local_sgd_state.plan_for_save(ls)
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         files.prepare_partial(root, iteration)
@@ -286,13 +205,6 @@ def save_checkpoint(trainer) -> str:
     trainer.resume_param_hooks()
     trainer.last_saved_iteration = iteration
     return files.iteration_dir(root, iteration)
-
-
-def _all_agree(flag: bool) -> bool:
-    """A stage with no shards (e.g. no params on this rank) must not disagree on what is saved."""
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 # ---------------------------------------------------------------- load
@@ -319,8 +231,14 @@ def load_checkpoint(trainer) -> Optional[int]:
     try:
         common = dist_checkpointing.load_common_state_dict(directory)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a broken file
-        raise files.CheckpointError(f"{os.path.join(directory, 'common.pt')}: cannot be read ({e})") from None
-    meta = common.get("megatron_edit", {})
+        raise files.CheckpointError(f"{directory}: its common state cannot be read ({e})") from None
+    if "megatron_edit" not in common:
+        raise files.CheckpointError(
+            f"{directory} was not written by megatron_edit's entry (a Megatron-LM training-loop checkpoint: its "
+            "iteration, RNG and data position are laid out per Megatron-LM, and a local-SGD one keeps the "
+            "workers' state inside its optimizer state): resume it with Megatron-LM's pretrain_gpt.py through "
+            "python -m megatron_edit.launch")
+    meta = common["megatron_edit"]
     plan = _load_plan(trainer, meta, args)
     sd, params_of = build_state_dict(trainer, plan, is_loading=True)
     try:
@@ -346,20 +264,8 @@ def _load_plan(trainer, meta: dict, args) -> Plan:
     plan = Plan(worker=source_worker(trainer.topology.worker_index, saved_workers), saved_workers=saved_workers,
                 optimizer=bool(meta.get("optimizer", True)) and not args.no_load_optim,
                 same_layout=same_layout and not args.no_load_rng)
-    if ls is None:
-        return plan
-    plan.outer_state = bool(meta.get("outer_state"))
-    plan.momentum = plan.outer_state and bool(meta.get("momentum")) and ls.with_momentum
-    if meta.get("inflight"):
-        if meta.get("schedule") != _schedule_signature(ls) or meta.get("units") != [u.name for u in ls.units]:
-            raise files.CheckpointError(
-                f"--load {args.load}: the checkpoint has streaming fragments in flight "
-                f"({', '.join(str(u['name']) for u in meta['inflight'])}) and was saved with a different "
-                f"sync schedule ({meta.get('schedule')}); resume with the same --local-sgd schedule flags")
-        plan.inflight_units = tuple(u["unit"] for u in meta["inflight"])
-    if meta.get("error_feedback_units") and ls.cfg.outer_grad_error_feedback \
-            and meta.get("units") == [u.name for u in ls.units]:
-        plan.error_feedback_units = tuple(meta["error_feedback_units"])
+    if ls is not None:
+        plan.local_sgd = local_sgd_state.plan_for_load(ls, meta, f"--load {args.load}")
     return plan
 
 
@@ -372,12 +278,14 @@ def _apply(trainer, plan: Plan, meta: dict, common: dict, loaded: dict, params_o
     progress = loaded["progress"]
     if plan.optimizer:
         mcore_adapter.patch_fully_reshardable_load(trainer.optimizer)
+        mcore_adapter.align_saved_param_groups(trainer.optimizer, loaded["optimizer"])
         trainer.optimizer.load_state_dict(loaded["optimizer"])
         if progress.get("optimizer_step") is not None:
             mcore_adapter.set_inner_optimizer_step(trainer.optimizer, progress["optimizer_step"])
     else:
         trainer.optimizer.reload_model_params()
     _load_scheduler(trainer, common["opt_param_scheduler"])
+    mcore_adapter.set_param_group_lr_bounds(trainer.optimizer, trainer.scheduler.max_lr, trainer.scheduler.min_lr)
     trainer.iteration = int(progress["iteration"])
     trainer.consumed_samples = int(progress["consumed_samples"])
     if "rank_state" in loaded:
@@ -405,49 +313,12 @@ def _load_scheduler(trainer, saved: dict) -> None:
 
 
 def _apply_local_sgd(trainer, ls, plan: Plan, meta: dict, loaded: dict, params_of: dict, rank_state) -> None:
-    from megatron_edit.outer_state import init_outer_state
-
-    def shard_values(name):
-        full = {params_of[name][k]: t for k, t in loaded["local_sgd"][name].items()}
-        return from_model_space(ls.shards, full)
-
-    def unit_flats(name) -> dict:
-        """{unit index: flat per-unit tensor on the engine's device} (inverse of _unit_values)."""
-        by_shard = {id(s): v for s, v in zip(ls.shards, shard_values(name))}
-        return {i: torch.cat([by_shard[id(s)].reshape(-1) for s in u.shards] or [torch.zeros(0)]).to(ls.device)
-                for i, u in enumerate(ls.units)}
-
     past_warmup = trainer.iteration >= ls.cfg.warmup_iters
-    if past_warmup:  # the engine's anchor was taken from the params before the load
-        init_outer_state(ls.shards, ls.with_momentum, ls.cfg.offload_outer_state)
-    if plan.outer_state:
-        for s, value in zip(ls.shards, shard_values("anchor")):
-            s.anchor.copy_(value.view_as(s.anchor))
-        if plan.momentum:
-            for s, value in zip(ls.shards, shard_values("momentum")):
-                s.momentum.copy_(value.view_as(s.momentum))
-    elif past_warmup and dist.get_rank() == 0:
-        print(" > the checkpoint has no outer state: the anchor starts from the loaded parameters", flush=True)
-    if meta.get("penalty_stats") is not None:
-        ls.stats.load_state_dict({k: v.to(ls.device) for k, v in meta["penalty_stats"].items()})
-    if meta.get("corrupt_generator") is not None:
-        ls._corrupt_gen.set_state(meta["corrupt_generator"])
+    local_sgd_state.apply(ls, plan.local_sgd, meta, loaded["local_sgd"], params_of, past_warmup,
+                          announce=dist.get_rank() == 0)
     if rank_state is not None:
         ls.bytes_sent_total = rank_state["bytes_sent_total"]
         ls.bytes_sent_measured = rank_state["bytes_sent_measured"]
-    if plan.inflight_units:
-        flats = unit_flats("inflight")
-        for record in meta["inflight"]:
-            unit = ls.units[record["unit"]]
-            unit.combined = flats[record["unit"]]
-            unit.launched = unit.pending = True
-            unit.advanced = bool(record["advanced"])
-            unit.handle = None
-            unit.skip = record["skip"].to(ls.device)
-    if plan.error_feedback_units:
-        flats = unit_flats("error_feedback")
-        for index in plan.error_feedback_units:
-            ls.units[index].error_feedback.residual = flats[index]
     if ls.async_ctl is not None and past_warmup and meta.get("agreed_samples") is not None:
         ls.async_ctl.start(consumed_samples=int(meta["agreed_samples"]))
         trainer.consumed_samples = ls.async_ctl.agreed_samples
