@@ -7,7 +7,8 @@ builds a run in a fixed order, and each step looks a name up in a module namespa
   <args module>.validate_args(args)               -> our rules; args.num_distributed_optimizer_instances = W,
                                                      so initialize_model_parallel builds the worker groups
   training.initialize_megatron(...)               -> allow_no_cuda on a machine without CUDA (megatron_lm_cpu)
-  training.get_model -> training.DDP(...)         -> DDP gets the worker-local groups (one instance)
+  training.get_model -> training.DDP(...)         -> DDP gets the worker-local groups (one instance); core_v0.19
+    models.dist_utils.DistributedDataParallel(...)   builds pretrain_gpt.py's model there, same wrapper
   training.get_megatron_optimizer(...)            -> the worker's groups, instance id = worker index, the
                                                      LocalSGD engine, a hook around optimizer.step(), and the
                                                      local-SGD state in the optimizer's checkpoint state
@@ -63,6 +64,10 @@ SEAM = {
     "megatron.training.training.get_megatron_optimizer": (
         "config", "model_chunks", "use_gloo_process_groups", "pg_collection"),
     "megatron.training.training.DDP": ("config", "ddp_config", "module", "disable_bucketing", "pg_collection"),
+    # core_v0.19: pretrain_gpt.py builds its model from a config container, whose builder wraps the chunks
+    # with this name (models/dist_utils._ddp_wrap), not with training.DDP. Optional: absent before.
+    "?megatron.training.models.dist_utils.DistributedDataParallel": (
+        "config", "ddp_config", "module", "disable_bucketing", "pg_collection"),
     "megatron.training.global_vars.get_args": (),
     "megatron.training.checkpointing.get_load_checkpoint_path_by_args": ("args", "load_arg"),
 }
@@ -132,6 +137,10 @@ def check_megatron_lm(core_version: str, tree_version: Optional[str]) -> None:
     if not _supported_tree(core_version):
         raise AdapterError(f"megatron.core {core_version} is not supported by the Megatron-LM adapter {where}")
     for dotted, params in SEAM.items():
+        optional = dotted.startswith("?")
+        dotted = dotted.lstrip("?")
+        if optional and dotted.rsplit(".", 1)[0] not in sys.modules:
+            continue
         target = _resolve(dotted)
         shown = dotted.replace("ARGS.", _args_module_name() + ".")
         if not callable(target):
@@ -281,6 +290,7 @@ def worker_local_ddp_class(base: type, session: _Session) -> type:
                 pg_collection = session.process_groups()
             super().__init__(config=config, ddp_config=ddp_config, module=module,
                              disable_bucketing=disable_bucketing, pg_collection=pg_collection, **kwargs)
+            self.megatron_edit_worker_local = session.cfg is not None
 
     WorkerLocalDDP.__name__ = WorkerLocalDDP.__qualname__ = f"WorkerLocal{base.__name__}"
     WorkerLocalDDP.megatron_edit = True
@@ -328,13 +338,19 @@ def wrap_get_megatron_optimizer(original: Callable, session: _Session, iteration
             megatron_lm_cpu.adjust_optimizer(optimizer)
             return optimizer
         bound = signature.bind(*args, **kwargs)
+        chunks = bound.arguments["model_chunks"]
+        if not all(getattr(chunk, "megatron_edit_worker_local", False) for chunk in chunks):
+            # The model was wrapped by a DDP name the adapter did not replace: its gradients would be
+            # reduced over all workers every step, and local SGD would silently be synchronous training.
+            raise AdapterError(
+                f"Megatron-LM wrapped the model in DDP outside the adapter's seam ({type(chunks[0]).__name__}): "
+                f"local SGD would run synchronously on this tree (supported: {SUPPORTED_MEGATRON_LM_TEXT})")
         bound.arguments["pg_collection"] = session.process_groups()
         bound.arguments["use_gloo_process_groups"] = False  # the worker groups have no gloo twins
         optimizer = original(*bound.args, **bound.kwargs)
         for sub in mcore_adapter.sub_optimizers(optimizer):
             if hasattr(sub, "distributed_optimizer_instance_id"):
                 sub.distributed_optimizer_instance_id = session.topology.worker_index
-        chunks = bound.arguments["model_chunks"]
         session.engine = (engine_factory or _make_engine)(session, chunks, optimizer)
         hook_optimizer_step(optimizer, session.engine, iteration_fn, report_fn)
         if attach_checkpointing:
@@ -383,6 +399,10 @@ def install() -> None:
         except ImportError as e:
             raise AdapterError(f"cannot import Megatron-LM's {module} ({e}): put a Megatron-LM checkout "
                                f"on PYTHONPATH ({SUPPORTED_MEGATRON_LM_TEXT})") from None
+    try:
+        importlib.import_module("megatron.training.models.dist_utils")  # core_v0.19 model builders
+    except ImportError:
+        pass
     from megatron.core import package_info
 
     if installed():
@@ -394,5 +414,8 @@ def install() -> None:
     args_module.validate_args = wrap_validate_args(args_module.validate_args, _SESSION)
     training.initialize_megatron = megatron_lm_cpu.wrap_initialize_megatron(training.initialize_megatron)
     training.DDP = worker_local_ddp_class(training.DDP, _SESSION)
+    dist_utils = sys.modules.get("megatron.training.models.dist_utils")
+    if dist_utils is not None:
+        dist_utils.DistributedDataParallel = worker_local_ddp_class(dist_utils.DistributedDataParallel, _SESSION)
     training.get_megatron_optimizer = wrap_get_megatron_optimizer(
         training.get_megatron_optimizer, _SESSION, _megatron_lm_iteration)

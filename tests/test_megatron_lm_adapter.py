@@ -100,16 +100,22 @@ def fake_megatron_lm(request, monkeypatch, tmp_path):
     state.initialized = []
     arguments.parse_args = initialize.parse_args = parse_args
     arguments.validate_args = initialize.validate_args = validate_args
+    modules = []
     if flavour == "core_v0.19":  # core_v0.19 parses in arguments.parse_and_validate_args
         arguments.parse_and_validate_args = lambda *a, **k: None
         del initialize.parse_args, initialize.validate_args
+        # ... and pretrain_gpt.py's model builder wraps the chunks with this name, not training.DDP.
+        dist_utils = types.ModuleType("megatron.training.models.dist_utils")
+        dist_utils.DistributedDataParallel = DDP
+        modules = [("megatron.training.models", types.ModuleType("megatron.training.models")),
+                   ("megatron.training.models.dist_utils", dist_utils)]
     training.DDP, training.get_megatron_optimizer = DDP, get_megatron_optimizer
     training.initialize_megatron = initialize_megatron
     global_vars.get_args = lambda: state.args
     for name, module in (("megatron.training", pkg), ("megatron.training.arguments", arguments),
                          ("megatron.training.initialize", initialize), ("megatron.training.training", training),
                          ("megatron.training.global_vars", global_vars),
-                         ("megatron.training.checkpointing", checkpointing)):
+                         ("megatron.training.checkpointing", checkpointing), *modules):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(package_info, "__version__", core)
     monkeypatch.setattr(adapter, "_SESSION", adapter._Session())
@@ -157,6 +163,9 @@ def test_install_registers_flags_through_parse_args_and_wraps_the_seam(fake_mega
                        f.training.get_megatron_optimizer, f.training.initialize_megatron)
     f.training.initialize_megatron(allow_no_cuda=False)
     assert f.state.initialized == [False]  # with CUDA (or CPU mode off) Megatron-LM's own choice stands
+    if f.flavour == "core_v0.19":  # both DDP names are the worker-local subclass
+        dist_utils = sys.modules["megatron.training.models.dist_utils"]
+        assert issubclass(dist_utils.DistributedDataParallel, f.DDP) and dist_utils.DistributedDataParallel is not f.DDP
     f.state.argv = ["--num-layers", "4", "--local-sgd", "diloco", "--local-sgd-workers", "2"]
     args = f.args_module.parse_args(None, False)
     assert (args.local_sgd, args.local_sgd_workers) == ("diloco", 2)
@@ -309,12 +318,18 @@ def test_optimizer_gets_the_worker_groups_instance_id_and_the_engine(fake_megatr
         original, session, iteration_fn=lambda: 3,
         engine_factory=lambda s, chunks, opt: made.append((chunks, opt)) or engine, report_fn=None,
         attach_checkpointing=False)
-    optimizer = wrapped("opt-config", ["chunk0"], config_overrides="ov", use_gloo_process_groups=True)
+    chunk = SimpleNamespace(megatron_edit_worker_local=True)  # built by WorkerLocalDDP
+    optimizer = wrapped("opt-config", [chunk], config_overrides="ov", use_gloo_process_groups=True)
     assert seen == dict(pg_collection="worker-pgc", gloo=False, overrides="ov")
     assert optimizer.chained_optimizers[0].distributed_optimizer_instance_id == 1
-    assert made == [(["chunk0"], optimizer)] and session.engine is engine
+    assert made == [([chunk], optimizer)] and session.engine is engine
     optimizer.step()
     assert engine.events == [("before", 3), ("after", 3)]
+
+    # A model wrapped by a DDP the adapter did not replace reduces gradients over all workers: local SGD
+    # would silently be synchronous (seen on core_v0.19 before its model-builder seam was wrapped).
+    with pytest.raises(adapter.AdapterError, match="outside the adapter's seam"):
+        wrapped("opt-config", [SimpleNamespace()])
 
     seen.clear()
     plain = adapter.wrap_get_megatron_optimizer(original, adapter._Session(), iteration_fn=lambda: 0)
