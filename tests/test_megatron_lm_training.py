@@ -78,31 +78,33 @@ def test_streaming_fp4_trains(tmp_path):
 
 
 @pytest.mark.parametrize("method", [
-    EDIT,
+    ["--local-sgd", "edit", "--local-sgd-workers", "2", "--local-sgd-sync-interval", "3"],
     ["--local-sgd", "streaming", "--local-sgd-workers", "2", "--local-sgd-sync-interval", "4",
      "--streaming-fragments", "2", "--outer-grad-dtype", "fp4-e3m0", "--outer-grad-error-feedback"],
 ], ids=["edit", "streaming-fp4-inflight"])
 def test_resume_prints_the_same_lines_as_a_straight_run(method, tmp_path):
-    """8 iterations straight vs 4 + resume + 4 (DP 4 = 2 workers of 2 ranks). EDiT: syncs at 6 and 8
-    after the resume (anchor, momentum, penalty statistics, every worker's Adam state). Streaming:
-    fragment 0 was launched at 4 and is in flight at the save (merged at 5), fragment 1 syncs at 6 and
-    fragment 0 at 8, with error-feedback residuals. --log-interval 2: Megatron-LM prints the first
-    iteration after a resume on its own line (without resetting its averages), so the resumed run has one
-    extra line, at 5; every line both runs print is identical."""
+    """10 iterations straight vs 4 + resume + 6 (DP 4 = 2 workers of 2 ranks), saved between syncs so
+    that nothing can be re-derived from the parameters. EDiT (H = 3): the save holds the anchor and
+    momentum of the sync at 3, the penalty statistics and every worker's params and Adam state; syncs
+    at 6 and 9 after the resume. Streaming: fragment 0 was launched at 4 and is in flight at the save
+    (merged at 5); fragment 1 has never synced (its anchor is the initial model); fragment 1 syncs at
+    6 and 10, fragment 0 at 8, with error-feedback residuals. --log-interval 2: Megatron-LM prints the
+    first iteration after a resume on a line of its own (without resetting its averages), so the resumed
+    run has one extra line, at 5; every line both runs print is identical."""
     straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
     flags = method + ["--log-interval", "2"]
-    straight = run_megatron_lm(4, flags + ["--train-iters", "8", "--save", straight_dir, "--save-interval", "4"])
+    straight = run_megatron_lm(4, flags + ["--train-iters", "10", "--save", straight_dir, "--save-interval", "4"])
     assert straight.returncode == 0, straight.tail()
     os.makedirs(resumed_dir)
     os.rename(os.path.join(straight_dir, "iter_0000004"), os.path.join(resumed_dir, "iter_0000004"))
     with open(os.path.join(resumed_dir, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write("4")
-    resumed = run_megatron_lm(4, flags + ["--train-iters", "8", "--load", resumed_dir])
+    resumed = run_megatron_lm(4, flags + ["--train-iters", "10", "--load", resumed_dir])
     assert resumed.returncode == 0, resumed.tail()
 
     expected = {i: v for i, v in straight.losses().items() if i > 4}
     got = resumed.losses()
-    assert sorted(expected) == [6, 8] and sorted(got) == [5, 6, 8], (straight.losses(), got)
+    assert sorted(expected) == [6, 8, 10] and sorted(got) == [5, 6, 8, 10], (straight.losses(), got)
     assert {i: got[i] for i in expected} == expected
     assert {i: resumed.grad_norms()[i] for i in expected} == {i: straight.grad_norms()[i] for i in expected}
     after = [s for s in straight.syncs() if s[0] > 4]
