@@ -83,6 +83,11 @@ def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--outer-grad-dtype", choices=OUTER_GRAD_DTYPES, default=None)
     g.add_argument("--outer-grad-block-size", type=int, default=128)
     g.add_argument("--outer-grad-error-feedback", action="store_true")
+    g.add_argument("--outer-grad-stochastic-rounding", action="store_true",
+                   help="round pseudo-gradients stochastically on a quantized wire (unbiased)")
+    g.add_argument("--local-sgd-sync-check-interval", type=int, default=None, metavar="K",
+                   help="a-edit: inner steps between the worker's 'sync time elapsed?' votes (default: derived "
+                        "from the step time, at most 5%% of --local-sgd-sync-time late)")
     g.add_argument("--local-sgd-debug-slow-worker", type=_worker_factor, default=None, metavar="W:FACTOR")
     g.add_argument("--local-sgd-debug-corrupt-worker", type=_worker_scale_prob, default=None,
                    metavar="W:SCALE:PROB")
@@ -256,6 +261,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
               f"{args.seq_length}")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         _fail("--overlap-param-gather needs --use-distributed-optimizer")
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        _fail("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM: without it DDP uses one "
+              "bucket, so parameters are gathered all at once)")
     if args.use_distributed_optimizer and args.optimizer != "adam":
         _fail(f"--optimizer {args.optimizer} cannot be used with --use-distributed-optimizer "
               "(megatron-core's distributed optimizer accepts only Adam/AdamW)")

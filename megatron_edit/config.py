@@ -50,6 +50,8 @@ class LocalSGDConfig:
     outer_grad_dtype: Optional[str] = None  # fp32 (streaming: fp4-e3m0)
     outer_grad_block_size: int = 128
     outer_grad_error_feedback: bool = False
+    outer_grad_stochastic_rounding: bool = False
+    sync_check_interval: Optional[int] = None  # a-edit: steps between "time elapsed?" votes; None: derived
     debug_slow_worker: Optional[tuple[int, float]] = None
     debug_corrupt_worker: Optional[tuple[int, float, float]] = None
     explicit: frozenset = field(default_factory=frozenset, repr=False)  # fields the user set on the CLI
@@ -121,6 +123,13 @@ class LocalSGDConfig:
             raise ConfigError(f"{flag('streaming_mix_alpha')} {self.streaming_mix_alpha} must be in [0, 1]")
         if self.outer_grad_block_size < 1:
             raise ConfigError(f"{flag('outer_grad_block_size')} {self.outer_grad_block_size} must be >= 1")
+        if self.outer_grad_stochastic_rounding and self.outer_grad_dtype == "fp32":
+            raise ConfigError(f"{flag('outer_grad_stochastic_rounding')} needs a quantized "
+                              f"{flag('outer_grad_dtype')} (not fp32: nothing is rounded)")
+        if "sync_check_interval" in self.explicit and self.method != "a-edit":
+            raise ConfigError(f"{flag('sync_check_interval')} applies to --local-sgd a-edit only")
+        if self.sync_check_interval is not None and self.sync_check_interval < 1:
+            raise ConfigError(f"{flag('sync_check_interval')} {self.sync_check_interval} must be >= 1")
         if self.debug_slow_worker is not None and not self.debug_slow_worker[1] >= 1:
             raise ConfigError(f"{flag('debug_slow_worker')} factor {self.debug_slow_worker[1]} must be >= 1")
         if self.debug_corrupt_worker is not None:
@@ -198,6 +207,8 @@ FLAG_OF = {
     "outer_grad_dtype": "outer-grad-dtype",
     "outer_grad_block_size": "outer-grad-block-size",
     "outer_grad_error_feedback": "outer-grad-error-feedback",
+    "outer_grad_stochastic_rounding": "outer-grad-stochastic-rounding",
+    "sync_check_interval": "local-sgd-sync-check-interval",
     "debug_slow_worker": "local-sgd-debug-slow-worker",
     "debug_corrupt_worker": "local-sgd-debug-corrupt-worker",
 }

@@ -163,15 +163,18 @@ class LocalSGD:
         self._skip: Optional[torch.Tensor] = None
         self._clip_enabled = self.penalty_cfg is not None and self.penalty_cfg.clip is not None
         self._corrupt_gen = torch.Generator().manual_seed(seed + 7919)
+        self._sync_iteration = 0
         self.async_ctl = None
         if cfg.method == "a-edit":
             self.async_ctl = AsyncSyncController(
                 cfg.sync_time, topology.num_workers, topology.worker_index, global_batch_size, budget_samples,
-                topology.worker_group, topology.inter_worker_group, self.device, cfg.debug_slow_worker)
+                topology.worker_group, topology.inter_worker_group, self.device, cfg.debug_slow_worker,
+                check_interval=cfg.sync_check_interval)
         self._unit_of_bucket_group = {id(u.bucket_group): i for i, u in enumerate(self.units)
                                       if u.bucket_group is not None}
         if cfg.layerwise:
             self._install_layerwise_hooks()
+            self._announce_layerwise_units()
         if is_anchor_iteration(0, cfg.warmup_iters):
             init_outer_state(self.shards, self.with_momentum, cfg.offload_outer_state)
             if self.async_ctl is not None:
@@ -227,6 +230,15 @@ class LocalSGD:
         of_layer = assign_layers_to_fragments(self.num_layers, P, pattern)
         embedding = fragment_of_embedding(P, pattern)
         return [embedding, embedding] + of_layer + [fragment_of_output(self.num_layers, P, pattern)]
+
+    def _announce_layerwise_units(self) -> None:
+        """` local-sgd layer-wise | pipeline stage P | units: N |` from the first rank of each stage."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_edit.training.log_lines import layerwise_units_line
+
+        if ps.get_tensor_model_parallel_rank() == 0 and self.topo.data_parallel_rank == 0:
+            print(layerwise_units_line(ps.get_pipeline_model_parallel_rank(), len(self.units)), flush=True)
 
     def _install_layerwise_hooks(self) -> None:
         """Wrap each bucket group's start_param_sync (megatron-core 0.16.1 seam, SPEC section 5)."""
@@ -319,6 +331,7 @@ class LocalSGD:
         finish here; layer-wise units finish in the next forward, streaming ones tau steps later."""
         start = time.perf_counter()
         self.flush_pending()
+        self._sync_iteration = iteration
         indices = list(range(len(self.units))) if unit_indices is None else unit_indices
         members = {id(s) for i in indices for s in self.units[i].shards}
         # Global shard order, whatever the unit layout: the norms (and so the weights) must be bitwise
@@ -416,8 +429,19 @@ class LocalSGD:
         unit.handle = launch_quantized_all_reduce_mean(
             contribution, self.topo.inter_worker_group, self.cfg.outer_grad_dtype,
             self.cfg.outer_grad_block_size, weight=1.0, divisor=1.0, error_feedback=unit.error_feedback,
+            stochastic=self.cfg.outer_grad_stochastic_rounding, generator=self._rounding_generator(index),
         )
         self.bytes_sent_measured += unit.handle.bytes_sent
+
+    def _rounding_generator(self, index: int) -> Optional[torch.Generator]:
+        """Stochastic rounding's random stream, seeded from (seed, sync iteration, unit, rank): every
+        sync draws fresh numbers, and a resumed run draws the same ones without saving generator state."""
+        if not self.cfg.outer_grad_stochastic_rounding:
+            return None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed((self.seed * 1000003 + self._sync_iteration * 8191 + index * 131
+                               + dist.get_rank()) % (2 ** 63))
+        return generator
 
     def _wait_unit(self, index: int) -> None:
         self._launch_unit(index)
@@ -431,22 +455,27 @@ class LocalSGD:
 
     def _clip_scales(self, index: int) -> dict[int, torch.Tensor]:
         """Per-layer clip coefficient from the norm of the combined delta, reduced over the worker's ranks
-        of this stage. A layer split over several bucket groups waits for all of them."""
+        of this stage. A layer split over several bucket groups waits for all of them. The squares are
+        added in the engine's global shard order whatever the units are, so layer-wise and all-at-once
+        syncs clip by bitwise the same coefficient."""
         if not self._clip_enabled:
             return {}
         unit = self.units[index]
         missing = sorted(k for k in unit.keys if k not in self._key_norm_cache)
         if missing:
+            location = {}  # id(shard) -> (unit, offset of the shard in the unit's combined delta)
+            for j in sorted({j for key in missing for j in self._units_with_key(key)}):
+                self._wait_unit(j)
+                offset = 0
+                for s in self.units[j].shards:
+                    location[id(s)] = (j, offset)
+                    offset += s.main.numel()
             sumsq = torch.zeros(self.L, dtype=torch.float32, device=self.device)
-            for key in missing:
-                for j in self._units_with_key(key):
-                    self._wait_unit(j)
-                    offset = 0
-                    for s in self.units[j].shards:
-                        n = s.main.numel()
-                        if s.key == key and s.count_in_stage_norm:
-                            sumsq[key] += self.units[j].combined[offset:offset + n].pow(2).sum()
-                        offset += n
+            wanted = set(missing)
+            for s in self.shards:
+                if s.key in wanted and s.count_in_stage_norm and id(s) in location:
+                    j, offset = location[id(s)]
+                    sumsq[s.key] += self.units[j].combined[offset:offset + s.main.numel()].pow(2).sum()
             dist.all_reduce(sumsq, group=self.topo.worker_stage_group)
             coefficient = clip_coefficient(sumsq.sqrt(), self.penalty_cfg.clip)
             for key in missing:

@@ -77,23 +77,64 @@ def rng_module() -> Any:
     return importlib.import_module("megatron.core.tensor_parallel.random")
 
 
-def ddp_layout_kwargs(module: Any, ddp_config: Any, pg_collection: Any, disable_bucketing: bool) -> dict:
-    """Extra keyword arguments for megatron-core's ``DistributedDataParallel``: since 0.18 it takes the
-    distributed optimizer's parameter layout (``full_param_layout``, computed by
-    ``DistributedOptimizer.compute_full_param_layout``) instead of sizing buffers itself; without it it
-    warns and computes the same layout. We compute it as Megatron-LM 0.18+ does
-    (``wrap_model_chunks_with_ddp``): over the worker's data-parallel group (the shard count the
-    optimizer asserts), with DDP's own bucket-size rule (``bucket_size`` default max(4e7, 1e6 x DP), none
-    without ``overlap_grad_reduce``, one bucket on pipeline stages > 0 and with ``disable_bucketing``).
-    Empty before 0.18 (probe: the parameter) and without the distributed optimizer."""
+def layer_bucket_size(module: Any) -> Optional[int]:
+    """Elements of the largest transformer layer of one model chunk (``decoder.layers``; None without
+    layers): as a DDP bucket size it gives about one bucket per layer, the granularity of EDiT's
+    layer-wise sync (each bucket's parameter all-gather is where its outer update lands)."""
+    while not hasattr(module, "decoder") and hasattr(module, "module"):
+        module = module.module
+    layers = getattr(getattr(module, "decoder", None), "layers", None)
+    if not layers:
+        return None
+    return max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+
+
+class _BucketingStageView:
+    """The pipeline group as DDP's bucketing rule sees it: rank 0. megatron-core turns bucketing off on
+    pipeline stages > 0 (``DistributedDataParallel.__init__``: ``if disable_bucketing or pp_rank > 0:
+    bucket_size = None``; a heuristic: the grad reduce of later stages is off the critical path), and reads
+    the group for nothing else there (checked 0.16.1 to 0.19.2). Layer-wise EDiT needs buckets on every
+    stage: one bucket per stage means one outer update for the whole stage, with nothing to overlap."""
+
+    def __init__(self, group: Any) -> None:
+        self._group = group
+
+    def rank(self) -> int:
+        return 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._group, name)
+
+
+def ddp_arguments(module: Any, ddp_config: Any, pg_collection: Any, disable_bucketing: bool,
+                  bucket_every_stage: bool = False) -> tuple[Any, bool, dict]:
+    """(pg_collection, disable_bucketing, extra keyword arguments) for megatron-core's
+    ``DistributedDataParallel`` over one model chunk.
+
+    - Since 0.18 DDP takes the distributed optimizer's parameter layout (``full_param_layout``, from
+      ``DistributedOptimizer.compute_full_param_layout``) instead of sizing buffers itself (without it
+      it warns and computes the same). We compute it as Megatron-LM 0.18+ does
+      (``wrap_model_chunks_with_ddp``): over the worker's data-parallel group (the shard count the
+      optimizer asserts), with DDP's own bucket-size rule (``bucket_size`` default max(4e7, 1e6 x DP), none
+      without ``overlap_grad_reduce``, one bucket on pipeline stages > 0 and with ``disable_bucketing``).
+      Probed by the parameter; nothing before 0.18 or without the distributed optimizer.
+    - ``bucket_every_stage`` (layer-wise EDiT): buckets on every pipeline stage and virtual chunk too.
+      Since 0.18 the layout carries the buckets (computed without the stage rule); before, DDP gets a
+      pipeline-group view that reports rank 0 to its bucketing rule (_BucketingStageView; call
+      ``restore_pipeline_group`` on the built module)."""
+    import copy
     import inspect
 
     from megatron.core.distributed import DistributedDataParallel
 
-    if "full_param_layout" not in inspect.signature(DistributedDataParallel.__init__).parameters:
-        return {}
-    if not ddp_config.use_distributed_optimizer:
-        return {}
+    if bucket_every_stage:
+        disable_bucketing = False
+    takes_layout = "full_param_layout" in inspect.signature(DistributedDataParallel.__init__).parameters
+    if bucket_every_stage and not takes_layout:  # 0.16, 0.17
+        pg_collection = copy.copy(pg_collection)
+        pg_collection.pp = _BucketingStageView(pg_collection.pp)
+    if not takes_layout or not ddp_config.use_distributed_optimizer:
+        return pg_collection, disable_bucketing, {}
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     bucket_size = ddp_config.bucket_size
@@ -101,13 +142,19 @@ def ddp_layout_kwargs(module: Any, ddp_config: Any, pg_collection: Any, disable_
         bucket_size = max(40000000, 1000000 * pg_collection.dp.size())
     pp = pg_collection.pp
     pp_rank = (pp[0] if isinstance(pp, list) else pp).rank()
-    if not ddp_config.overlap_grad_reduce or disable_bucketing or pp_rank > 0:
+    if not ddp_config.overlap_grad_reduce or disable_bucketing or (pp_rank > 0 and not bucket_every_stage):
         bucket_size = None
     expert_group = pg_collection.intra_expt_dp
     layout = DistributedOptimizer.compute_full_param_layout(
         [p for p in module.parameters() if p.requires_grad], bucket_size, pg_collection.intra_dp_cp.size(),
         ddp_config, expert_data_parallel_world_size=expert_group.size() if expert_group is not None else None)
-    return {"full_param_layout": layout}
+    return pg_collection, disable_bucketing, {"full_param_layout": layout}
+
+
+def restore_pipeline_group(ddp_module: Any) -> None:
+    """After DDP was built with a _BucketingStageView: its ``pp_group`` is the real group again."""
+    if isinstance(getattr(ddp_module, "pp_group", None), _BucketingStageView):
+        ddp_module.pp_group = ddp_module.pp_group._group
 
 
 def set_worker_data_parallel_groups_gtp(pg_collection: Any, intra_dp: Any, intra_expert_dp: Any) -> None:

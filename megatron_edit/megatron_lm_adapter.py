@@ -288,8 +288,17 @@ def worker_local_ddp_class(base: type, session: _Session) -> type:
                 ddp_config = copy.copy(ddp_config)
                 ddp_config.num_distributed_optimizer_instances = 1  # instances are our workers (topology.py)
                 pg_collection = session.process_groups()
+                if getattr(session.cfg, "layerwise", False):
+                    # Buckets of about one layer on every stage and chunk (mcore_adapter.ddp_arguments),
+                    # unless --ddp-bucket-size says otherwise.
+                    if getattr(session.args, "ddp_bucket_size", None) is None:
+                        ddp_config.bucket_size = mcore_adapter.layer_bucket_size(module) or ddp_config.bucket_size
+                    pg_collection, disable_bucketing, extra = mcore_adapter.ddp_arguments(
+                        module, ddp_config, pg_collection, disable_bucketing, bucket_every_stage=True)
+                    kwargs.update(extra)
             super().__init__(config=config, ddp_config=ddp_config, module=module,
                              disable_bucketing=disable_bucketing, pg_collection=pg_collection, **kwargs)
+            mcore_adapter.restore_pipeline_group(self)
             self.megatron_edit_worker_local = session.cfg is not None
 
     WorkerLocalDDP.__name__ = WorkerLocalDDP.__qualname__ = f"WorkerLocal{base.__name__}"

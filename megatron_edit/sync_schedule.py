@@ -197,11 +197,12 @@ def validate_streaming_schedule(
 
 
 def should_check(iteration: int, check_every: int) -> bool:
-    """Whether the step completing as ``iteration`` runs the (cheap) cross-worker "time elapsed?" vote.
+    """Whether the step completing as ``iteration`` runs the (cheap) "time elapsed?" vote.
 
-    A-EDiT workers agree to sync with a MAX all-reduce of :meth:`TimeTrigger.elapsed`; doing it every
-    ``check_every`` steps bounds its cost. Every worker must call the collective at the same
-    iterations, which is why this depends on the iteration only, never on the clock.
+    The ranks of an A-EDiT worker agree to sync with a MAX all-reduce of :meth:`TimeTrigger.elapsed`;
+    doing it every ``check_every`` steps bounds its cost (async_trigger.AsyncSyncController). Every rank
+    must call the collective at the same steps, which is why this depends on the step count only, never
+    on the clock.
     """
     _check_iteration(iteration)
     if check_every < 1:

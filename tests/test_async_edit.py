@@ -36,6 +36,48 @@ def test_sync_fires_on_the_first_step_that_crosses_the_threshold(step_seconds):
     assert ctl.agreed_samples == len(fired) * per_interval * 8
 
 
+@pytest.mark.parametrize("sync_time,step,expected", [(600.0, 0.5, 60), (600.0, 0.1, 64), (100.0, 1.0, 5),
+                                                      (2.0, 0.3, 1), (10.0, 0.0, 1)])
+def test_vote_interval_bounds_how_late_a_sync_starts(sync_time, step, expected):
+    from megatron_edit.async_trigger import sync_check_every
+
+    assert sync_check_every(sync_time, step) == expected
+    if step > 0:
+        assert expected == 1 or expected * step <= 0.05 * sync_time  # at most 5% late (capped at 64 votes)
+
+
+@pytest.mark.parametrize("fixed", [None, 10])
+def test_votes_happen_every_k_steps_not_every_step(fixed):
+    """100 s between syncs, 1 s steps: the derived interval is 5 steps (a sync at most 5 s late), so
+    about 20 votes per interval instead of 100; a fixed --local-sgd-sync-check-interval is kept."""
+    clock = FakeClock()
+    ctl = AsyncSyncController(100.0, 1, 0, 8, 10**9, None, None, torch.device("cpu"), clock=clock,
+                              check_interval=fixed)
+    ctl.start(0)
+    fired = None
+    for step in range(1, 200):
+        clock.now += 1.0
+        if ctl.after_inner_step():
+            fired = step
+            break
+    k = fixed or 5
+    assert ctl.check_interval == k
+    assert 100 <= fired < 100 + k and fired % k in (0, 1 % k)
+    assert ctl.votes <= fired // k + 2
+
+
+def test_budget_ends_the_interval_without_a_vote():
+    clock = FakeClock()
+    ctl = AsyncSyncController(1e6, 1, 0, 8, budget_samples=8 * 7, worker_group=None, inter_worker_group=None,
+                              device=torch.device("cpu"), clock=clock, check_interval=50)
+    ctl.start(0)
+    steps = 0
+    while not ctl.after_inner_step():
+        clock.now += 1.0
+        steps += 1
+    assert steps + 1 == 7 and ctl.votes == 0
+
+
 def test_fast_worker_does_more_steps_between_syncs():
     """Two simulated workers on one clock: the 3x slower one syncs after a third of the steps."""
     clock = FakeClock()

@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_edit.checkpoint import files
-from megatron_edit.training.launch import _free_port, redirect_fds
+from megatron_edit.training.launch import _free_port, redirect_fds, run_processes
 from mp_harness import TINY_MODEL, losses, run_training
 
 BASE = TINY_MODEL + ["--global-batch-size", "8", "--lr", "1e-2", "--train-iters", "10"]
@@ -143,8 +143,7 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
     argv = BASE[:-1] + ["4", "--save", root, "--save-interval", "2"]
     with redirect_fds(str(tmp_path / "killed.log")):
         with pytest.raises(mp.ProcessExitedException, match="exit code 17"):
-            mp.start_processes(_killed_during_publish, args=(1, _free_port(), argv, 4), nprocs=1, join=True,
-                               start_method="spawn")
+            run_processes(_killed_during_publish, (1, _free_port(), argv, 4), 1, timeout=600)
     assert files.read_tracker(root) == 2
     assert not os.path.exists(files.iteration_dir(root, 4))
     assert os.listdir(files.partial_dir(root, 4)), "the killed save had written files"

@@ -155,6 +155,8 @@ def test_virtual_pipeline_rules():
 
 def test_overlap_param_gather_needs_distributed_optimizer():
     fails(BASE + ["--overlap-param-gather"], 4, "--overlap-param-gather", "--use-distributed-optimizer")
+    fails(BASE + ["--use-distributed-optimizer", "--overlap-param-gather"], 4,
+          "--overlap-param-gather needs --overlap-grad-reduce")
 
 
 def test_sgd_with_distributed_optimizer():
@@ -236,6 +238,27 @@ def test_sync_time_needs_a_edit(method):
 def test_our_flags_need_local_sgd(extra):
     msg = fails(LSGD + extra, 4, "needs --local-sgd")
     assert msg.startswith(extra[0].split("=")[0] + " "), msg  # names the flag as typed
+
+
+def test_stochastic_rounding_needs_a_quantized_wire():
+    fails(LSGD + ["--local-sgd", "diloco", "--outer-grad-stochastic-rounding"], 4,
+          "--outer-grad-stochastic-rounding", "--outer-grad-dtype", "fp32")
+    _, cfg = ok(LSGD + ["--local-sgd", "diloco", "--outer-grad-dtype", "int8", "--outer-grad-stochastic-rounding"])
+    assert cfg.outer_grad_stochastic_rounding is True
+    _, cfg = ok(LSGD + ["--local-sgd", "streaming", "--outer-grad-stochastic-rounding"])  # fp4 by default
+    assert cfg.outer_grad_stochastic_rounding is True
+    fails(LSGD + ["--outer-grad-stochastic-rounding"], 4, "--outer-grad-stochastic-rounding needs --local-sgd")
+
+
+def test_sync_check_interval_is_for_a_edit_and_positive():
+    fails(LSGD + ["--local-sgd", "edit", "--local-sgd-sync-check-interval", "4"], 4,
+          "--local-sgd-sync-check-interval", "a-edit")
+    fails(LSGD + ["--local-sgd", "a-edit", "--local-sgd-sync-check-interval", "0"], 4,
+          "--local-sgd-sync-check-interval 0", ">= 1")
+    _, cfg = ok(LSGD + ["--local-sgd", "a-edit", "--local-sgd-sync-check-interval", "4"])
+    assert cfg.sync_check_interval == 4
+    _, cfg = ok(LSGD + ["--local-sgd", "a-edit"])
+    assert cfg.sync_check_interval is None  # derived from the step time
 
 
 def test_outer_momentum_one_and_out_of_range():

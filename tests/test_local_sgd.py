@@ -69,6 +69,29 @@ def test_edit_layerwise_equals_all_at_once(edit_all_at_once):
         _assert_params_close(a["params"], b["params"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", [
+    ["--ddp-bucket-size", "3000"],
+    ["--pipeline-model-parallel-size", "2"],
+    ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+], ids=["dp-layer-split-over-buckets", "pp2", "pp2-vpp2"])
+def test_edit_layerwise_equals_all_at_once_with_pipeline_and_an_active_clip(layout):
+    """With a clip that bites (phi = 1e-3, below every layer's pseudo-gradient norm) the layer-wise sync
+    equals the all-at-once one bit for bit, also when a layer is split over several buckets (3000
+    elements): the per-layer sums of squares are added in the same order in both. Under PP 2 (and
+    VPP 2) every stage and virtual chunk syncs layer by layer (by default buckets of about one layer
+    everywhere; before, pipeline stages > 0 and virtual chunks > 0 were one unit each)."""
+    argv = [a for a in EDIT if a not in ("--ddp-bucket-size", "3000")] + layout + ["--pseudo-grad-clip", "1e-3"]
+    layerwise = run_training(argv, 4)
+    # 4 layers: each stage syncs at least its layers and its embedding / output separately.
+    assert all(r["sync_units"] >= 3 for r in layerwise), [(r["pp"], r["sync_units"]) for r in layerwise]
+    at_once = run_training(argv + ["--no-local-sgd-layerwise"], 4)
+    assert losses(layerwise) == losses(at_once)
+    for a, b in zip(layerwise, at_once):
+        _assert_params_close(a["params"], b["params"], rtol=0, atol=0)
+    unclipped = losses(run_training(argv[:-1] + ["10"], 4))
+    assert unclipped != losses(at_once)  # the clip did change the outer steps
+
+
 def test_workers_agree_after_sync_and_differ_between(edit_all_at_once):
     """Digests of each rank's fp32 main shard: equal across workers (same shard) at warmup and sync
     iterations, different in between; at the end every rank of a TP/PP slice holds the same params."""

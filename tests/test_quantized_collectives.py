@@ -10,7 +10,6 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_edit.quantized_collectives import (
     ALL_GATHER,
@@ -19,6 +18,7 @@ from megatron_edit.quantized_collectives import (
     launch_quantized_all_reduce_mean,
     quantized_all_reduce_mean,
 )
+from megatron_edit.training.launch import run_processes
 from megatron_edit.wire_codecs import FORMAT_NAMES, ErrorFeedback, decode, encode, get_format, wire_bytes
 
 SIZES = (0, 5, 1001)
@@ -210,7 +210,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_quantized_all_reduce_gloo(world_size):
-    mp.spawn(_worker, args=(world_size, _free_port()), nprocs=world_size, join=True)
+    run_processes(_worker, (world_size, _free_port()), world_size, timeout=300)
 
 
 def test_chunk_bounds_cover_and_align():

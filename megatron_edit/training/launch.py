@@ -96,6 +96,7 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
         snapshots=snapshots,
         sync_event_bytes=sync_events,
         shard_keys=[s.key for s in local_sgd.shards] if local_sgd else [],
+        sync_units=len(local_sgd.units) if local_sgd else 0,
         fragment_of_key=local_sgd._fragment_of_key() if local_sgd is not None and local_sgd.streaming else None,
         outer_state_bytes=local_sgd.outer_state_bytes() if local_sgd else 0,
         main_shard_bytes=sum(m.numel() * 4 for _, m, _ in mcore_adapter.main_param_pairs(trainer.optimizer)),
@@ -105,14 +106,79 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
     shutdown()
 
 
+def kill_process_tree(pids: Sequence[int]) -> None:
+    """SIGKILL these processes and everything they started (e.g. dist_checkpointing's writer processes),
+    then reap them. SIGTERM is not enough: a rank blocked in a gloo collective whose peer died can outlive
+    the test that started it."""
+    import psutil
+
+    victims = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            victims += proc.children(recursive=True) + [proc]
+        except psutil.NoSuchProcess:
+            pass
+    for proc in victims:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=10)
+
+
+def become_subreaper() -> None:
+    """Orphans of our children are re-parented to this process, not to init (Linux
+    ``PR_SET_CHILD_SUBREAPER``), so they can be found and reaped: a rank that dies without its exit
+    handlers (killed, ``os._exit``) leaves e.g. dist_checkpointing's ``multiprocessing.Manager`` server
+    running forever."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        except (OSError, AttributeError):
+            pass
+
+
+def _descendants() -> set[int]:
+    import psutil
+
+    out = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(proc.cmdline()):  # multiprocessing's own, shared
+                out.add(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def run_processes(fn, args: tuple, nprocs: int, timeout: float):
+    """torch.multiprocessing with spawn, joined with a deadline; whatever happens (a rank fails, the
+    deadline passes, the caller is interrupted) no rank or process started by a rank is left running."""
+    become_subreaper()
+    before = _descendants()
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{nprocs} ranks did not finish within {timeout:.0f} s")
+    finally:
+        kill_process_tree([p.pid for p in context.processes if p.is_alive()])
+        kill_process_tree(sorted(_descendants() - before))
+
+
 def spawn_training(argv: Sequence[str], world_size: int, keep_params: bool = True,
-                   keep_snapshots: bool = False) -> list[dict]:
+                   keep_snapshots: bool = False, timeout: float = 900.0) -> list[dict]:
     """Train on `world_size` local gloo ranks; returns each rank's result dict (index = global rank).
-    ``keep_snapshots``: every iteration, a copy of each fp32 main shard of the local-SGD engine."""
+    ``keep_snapshots``: every iteration, a copy of each fp32 main shard of the local-SGD engine.
+    ``timeout``: seconds before every rank is killed and TimeoutError raised."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_rank_main, args=(world_size, _free_port(), list(argv), out_dir, keep_params,
-                                             keep_snapshots),
-                           nprocs=world_size, join=True, start_method="spawn")
+        run_processes(_rank_main, (world_size, _free_port(), list(argv), out_dir, keep_params, keep_snapshots),
+                      world_size, timeout)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 

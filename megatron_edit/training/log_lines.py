@@ -47,6 +47,12 @@ def validation_line(iteration: int, losses: dict[str, float]) -> str:
     return s
 
 
+def layerwise_units_line(pipeline_stage: int, units: int) -> str:
+    """Printed once at start-up by the first rank of each pipeline stage: how many layer-wise sync units
+    (DDP bucket groups, all virtual chunks of the stage together) the stage's outer update is split into."""
+    return f" local-sgd layer-wise | pipeline stage {pipeline_stage} | units: {units} |"
+
+
 def sync_line(
     iteration: int,
     workers: int,

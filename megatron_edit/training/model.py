@@ -190,13 +190,16 @@ def build_ddp_config(args):
     return DistributedDataParallelConfig(**kwargs)
 
 
-def wrap_ddp(args, config, chunks, topology: WorkerTopology):
+def wrap_ddp(args, config, chunks, topology: WorkerTopology, layerwise: bool = False):
     from megatron.core.distributed import DistributedDataParallel
 
     from megatron_edit import mcore_adapter
 
     pgc = worker_process_groups(topology)
     ddp_config = build_ddp_config(args)
+    if layerwise and args.ddp_bucket_size is None:
+        # About one bucket per transformer layer: the granularity of EDiT's layer-wise sync.
+        ddp_config.bucket_size = max(filter(None, (mcore_adapter.layer_bucket_size(c) for c in chunks)), default=None)
     if args.bf16:
         # As Megatron-LM does: Float16Module casts the inputs (and the loss back to fp32) around the
         # bf16 model; without it the first matmul sees fp32 activations and bf16 weights.
@@ -205,17 +208,14 @@ def wrap_ddp(args, config, chunks, topology: WorkerTopology):
         chunks = [Float16Module(config, chunk) for chunk in chunks]
     wrapped = []
     for i, chunk in enumerate(chunks):
-        disable_bucketing = i > 0  # Megatron-LM disables bucketing for all but the first virtual chunk
-        wrapped.append(
-            DistributedDataParallel(
-                config,
-                ddp_config,
-                chunk,
-                disable_bucketing=disable_bucketing,
-                pg_collection=pgc,
-                **mcore_adapter.ddp_layout_kwargs(chunk, ddp_config, pgc, disable_bucketing),
-            )
-        )
+        # Megatron-LM disables bucketing for all but the first virtual chunk (and DDP on pipeline stages
+        # > 0); layer-wise EDiT keeps buckets everywhere (mcore_adapter.ddp_arguments).
+        chunk_pgc, disable_bucketing, extra = mcore_adapter.ddp_arguments(
+            chunk, ddp_config, pgc, disable_bucketing=i > 0, bucket_every_stage=layerwise)
+        ddp = DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=disable_bucketing,
+                                      pg_collection=chunk_pgc, **extra)
+        mcore_adapter.restore_pipeline_group(ddp)
+        wrapped.append(ddp)
     return wrapped, pgc
 
 

@@ -96,7 +96,8 @@ class Trainer:
         chunks = model_lib.build_gpt_chunks(args, self.config, vocab)
         if not args.megatron_init:
             model_lib.layout_invariant_init_(chunks, self.config, args.seed)
-        self.model, pgc = model_lib.wrap_ddp(args, self.config, chunks, self.topology)
+        self.model, pgc = model_lib.wrap_ddp(args, self.config, chunks, self.topology,
+                                             layerwise=bool(local_sgd_cfg and local_sgd_cfg.layerwise))
         self.optimizer, _ = model_lib.build_optimizer(args, self.model, pgc, self.topology)
         self.scheduler = model_lib.build_scheduler(args, self.optimizer)
 
