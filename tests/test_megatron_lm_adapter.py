@@ -24,21 +24,19 @@ PATCH = os.path.join(REPO, "patches", "megatron_lm_pretrain_gpt.patch")
 
 # ------------------------------------------------------------------ fake Megatron-LM
 def _megatron_lm_args(**over):
-    """The Megatron-LM namespace fields our rules read, as its validate_args leaves them (DP = 4)."""
-    ns = argparse.Namespace(
-        local_sgd=None, local_sgd_workers=None, local_sgd_sync_interval=128, local_sgd_sync_time=600.0,
-        local_sgd_warmup_iters=0, outer_optimizer="nesterov", outer_lr=0.8, outer_momentum=0.85,
-        pseudo_grad_clip=None, pseudo_grad_anomaly_threshold=None, pseudo_grad_ewma_alpha=0.02,
-        pseudo_grad_ewma_warmup=3, pseudo_grad_weighting=None, pseudo_grad_step_weighted=False,
-        local_sgd_layerwise=None, local_sgd_offload_outer_state=False, streaming_fragments=None,
-        streaming_pattern="strided", streaming_overlap_steps=1, streaming_mix_alpha=0.5, outer_grad_dtype=None,
-        outer_grad_block_size=128, outer_grad_error_feedback=False, local_sgd_debug_slow_worker=None,
-        local_sgd_debug_corrupt_worker=None,
-        data_parallel_size=4, num_layers=4, load=None, save=None, ckpt_format="torch_dist", fp16=False, bf16=True, optimizer="adam", fp8=None,
-        fp8_param_gather=False, use_distributed_optimizer=True, overlap_param_gather=True,
-        use_torch_fsdp2=False, use_megatron_fsdp=False, check_weight_hash_across_dp_replicas_interval=None,
-        num_distributed_optimizer_instances=1, seed=1234, global_batch_size=16, train_iters=10,
-    )
+    """The Megatron-LM namespace fields our rules read, as its validate_args leaves them (DP = 4): our
+    flags' defaults (from our own parser) plus Megatron-LM's."""
+    from megatron_edit.arguments import add_local_sgd_args
+
+    ns = add_local_sgd_args(argparse.ArgumentParser()).parse_args([])
+    for k, v in dict(
+        data_parallel_size=4, num_layers=4, load=None, save=None, ckpt_format="torch_dist", fp16=False, bf16=True,
+        optimizer="adam", fp8=None, fp8_param_gather=False, use_distributed_optimizer=True,
+        overlap_param_gather=True, use_torch_fsdp2=False, use_megatron_fsdp=False,
+        check_weight_hash_across_dp_replicas_interval=None, num_distributed_optimizer_instances=1, seed=1234,
+        global_batch_size=16, train_iters=10,
+    ).items():
+        setattr(ns, k, v)
     for k, v in over.items():
         setattr(ns, k, v)
     return ns
