@@ -85,6 +85,8 @@ def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--outer-grad-error-feedback", action="store_true")
     g.add_argument("--outer-grad-stochastic-rounding", action="store_true",
                    help="round pseudo-gradients stochastically on a quantized wire (unbiased)")
+    g.add_argument("--local-sgd-sync-chunk-size", type=int, default=1 << 26, metavar="N",
+                   help="elements per collective of an all-at-once sync, i.e. the size of its only buffer")
     g.add_argument("--local-sgd-sync-check-interval", type=int, default=None, metavar="K",
                    help="a-edit: inner steps between the worker's 'sync time elapsed?' votes (default: derived "
                         "from the step time, at most 5%% of --local-sgd-sync-time late)")

@@ -51,6 +51,7 @@ class LocalSGDConfig:
     outer_grad_block_size: int = 128
     outer_grad_error_feedback: bool = False
     outer_grad_stochastic_rounding: bool = False
+    sync_chunk_size: int = 1 << 26  # elements per collective of an all-at-once sync (bounds its buffer)
     sync_check_interval: Optional[int] = None  # a-edit: steps between "time elapsed?" votes; None: derived
     debug_slow_worker: Optional[tuple[int, float]] = None
     debug_corrupt_worker: Optional[tuple[int, float, float]] = None
@@ -123,6 +124,8 @@ class LocalSGDConfig:
             raise ConfigError(f"{flag('streaming_mix_alpha')} {self.streaming_mix_alpha} must be in [0, 1]")
         if self.outer_grad_block_size < 1:
             raise ConfigError(f"{flag('outer_grad_block_size')} {self.outer_grad_block_size} must be >= 1")
+        if self.sync_chunk_size < 1:
+            raise ConfigError(f"{flag('sync_chunk_size')} {self.sync_chunk_size} must be >= 1")
         if self.outer_grad_stochastic_rounding and self.outer_grad_dtype == "fp32":
             raise ConfigError(f"{flag('outer_grad_stochastic_rounding')} needs a quantized "
                               f"{flag('outer_grad_dtype')} (not fp32: nothing is rounded)")
@@ -208,6 +211,7 @@ FLAG_OF = {
     "outer_grad_block_size": "outer-grad-block-size",
     "outer_grad_error_feedback": "outer-grad-error-feedback",
     "outer_grad_stochastic_rounding": "outer-grad-stochastic-rounding",
+    "sync_chunk_size": "local-sgd-sync-chunk-size",
     "sync_check_interval": "local-sgd-sync-check-interval",
     "debug_slow_worker": "local-sgd-debug-slow-worker",
     "debug_corrupt_worker": "local-sgd-debug-corrupt-worker",

@@ -38,6 +38,7 @@ from megatron_edit.fp8 import write_back_model_params
 from megatron_edit.outer_optimizer import needs_outer_momentum, outer_step
 from megatron_edit.outer_state import (
     OuterShard,
+    OuterStateStaging,
     collect_outer_shards,
     init_outer_state,
     layer_key_name,
@@ -50,7 +51,6 @@ from megatron_edit.pseudo_grad_penalty import (
     clip_coefficient,
     init_stats,
     penalty_weights,
-    weighted_sum_contribution,
 )
 from megatron_edit.quantized_collectives import launch_quantized_all_reduce_mean, predicted_bytes_sent
 from megatron_edit.sync_schedule import (
@@ -65,7 +65,7 @@ from megatron_edit.sync_schedule import (
     is_warmup,
     validate_streaming_schedule,
 )
-from megatron_edit.wire_codecs import ErrorFeedback
+from megatron_edit.wire_codecs import ErrorFeedback, ErrorFeedbackSection
 from megatron_edit.topology import WorkerTopology, all_reduce_mean_
 
 
@@ -111,6 +111,9 @@ class _Unit:
     bucket_group: object = None
     error_feedback: Optional[ErrorFeedback] = None
     skip: Optional[torch.Tensor] = None  # [L] layers whose outer step this sync skips (all-anomalous)
+    skip_host: Optional[list] = None  # the same on the host (known at the sync: no host sync per layer)
+    staged: Optional[list] = None  # offload: (anchor, momentum) of each shard on the device
+    advance_at: Optional[int] = None  # streaming: the iteration whose forward starts phase 2
 
     @property
     def numel(self) -> int:
@@ -164,6 +167,9 @@ class LocalSGD:
         self._clip_enabled = self.penalty_cfg is not None and self.penalty_cfg.clip is not None
         self._corrupt_gen = torch.Generator().manual_seed(seed + 7919)
         self._sync_iteration = 0
+        self._sync_iteration_of_next_forward: Optional[int] = None
+        self.exposed_comm_seconds = 0.0  # time spent waiting for cross-worker collectives (not overlapped)
+        self._staging = OuterStateStaging(self.device) if cfg.offload_outer_state else None
         self.async_ctl = None
         if cfg.method == "a-edit":
             self.async_ctl = AsyncSyncController(
@@ -175,6 +181,8 @@ class LocalSGD:
         if cfg.layerwise:
             self._install_layerwise_hooks()
             self._announce_layerwise_units()
+        if self.streaming and cfg.streaming_overlap_steps > 0:
+            self._install_streaming_advance_hook()
         if is_anchor_iteration(0, cfg.warmup_iters):
             init_outer_state(self.shards, self.with_momentum, cfg.offload_outer_state)
             if self.async_ctl is not None:
@@ -231,6 +239,26 @@ class LocalSGD:
         embedding = fragment_of_embedding(P, pattern)
         return [embedding, embedding] + of_layer + [fragment_of_output(self.num_layers, P, pattern)]
 
+    def _install_streaming_advance_hook(self) -> None:
+        """Streaming: a forward pre-hook on the first model chunk moves in-flight two-phase collectives
+        to their second phase at the start of the step chosen at launch (``advance_at``), so that the
+        second phase overlaps that step's forward and backward instead of being waited at the merge."""
+
+        def advance(module, args):
+            self._next_forward_iteration_started()
+
+        self.model[0].register_forward_pre_hook(advance)
+
+    def _next_forward_iteration_started(self) -> None:
+        iteration = self._sync_iteration_of_next_forward
+        if iteration is None:
+            return
+        self._sync_iteration_of_next_forward = None
+        for unit in self.units:
+            if unit.launched and not unit.advanced and unit.handle is not None and unit.advance_at == iteration:
+                self._timed(unit.handle.advance)
+                unit.advanced = True
+
     def _announce_layerwise_units(self) -> None:
         """` local-sgd layer-wise | pipeline stage P | units: N |` from the first rank of each stage."""
         from megatron.core import parallel_state as ps
@@ -274,6 +302,7 @@ class LocalSGD:
         if iteration <= cfg.warmup_iters:
             return None
         if self.streaming:
+            self._sync_iteration_of_next_forward = iteration + 1
             return self._streaming_step(iteration)
         if self.async_ctl is not None:
             if not self.async_ctl.after_inner_step():
@@ -298,10 +327,10 @@ class LocalSGD:
         starting = fragments_syncing_at(iteration, cfg.warmup_iters, cfg.sync_interval, self.num_fragments)
         if starting:
             report = self.sync(iteration, starting)
-        for p, unit in enumerate(self.units):
-            if unit.launched and not unit.advanced and p not in starting and unit.handle is not None:
-                unit.handle.advance()
-                unit.advanced = True
+            for p in starting:
+                # Phase 1 overlaps floor(tau/2) steps, phase 2 the other ceil(tau/2): phase 2 starts in the
+                # forward of that step (_install_streaming_advance_hook), at the same point on every rank.
+                self.units[p].advance_at = iteration + tau // 2 + 1
         if merging:
             self._regather_params()
         return report
@@ -331,6 +360,8 @@ class LocalSGD:
         finish here; layer-wise units finish in the next forward, streaming ones tau steps later."""
         start = time.perf_counter()
         self.flush_pending()
+        if self._staging is not None:
+            self._staging.settle()  # the anchors' host copies are read below
         self._sync_iteration = iteration
         indices = list(range(len(self.units))) if unit_indices is None else unit_indices
         members = {id(s) for i in indices for s in self.units[i].shards}
@@ -340,20 +371,25 @@ class LocalSGD:
         norms, anomalous = self._compute_weights([s for s in self.shards if id(s) in members],
                                                  step_weights if self.cfg.step_weighted else None)
         self._key_norm_cache = {}
-        sent = sum(self._predicted_bytes(self.units[i].numel) for i in indices) + self._norm_bytes()
+        sent = sum(self._predicted_unit_bytes(i) for i in indices) + self._norm_bytes()
         self.bytes_sent_total += sent
+        skip_host = self._skip.tolist()  # one host sync per sync (the anomaly names above made one already)
         for i in indices:
             self.units[i].pending = True
             self.units[i].skip = self._skip  # per unit: streaming fragments in flight outlive the next sync
+            self.units[i].skip_host = skip_host
         if self.cfg.layerwise:
-            if self.units:
-                self._launch_unit(0)  # the rest is launched one ahead, inside the next forward
+            self._prefetch_after(-1)  # the rest goes out a unit or two ahead, inside the next forward
         elif self.streaming and self.cfg.streaming_overlap_steps > 0:
             for i in indices:
                 self._launch_unit(i)
-        else:
+        elif self.streaming:
             for i in indices:
                 self._finish_unit(i)
+            self._regather_params()
+        else:
+            for i in indices:
+                self._sync_all_at_once(i)
             self._regather_params()
         total_norm = float(norms.pow(2).sum(dim=1).sqrt().mean())
         return SyncReport(
@@ -363,6 +399,18 @@ class LocalSGD:
             fragment=",".join(self.units[i].name for i in indices) if self.streaming else "all",
             inner_steps=self.async_ctl.last_steps_per_worker if self.async_ctl is not None else None,
         )
+
+    def _chunked(self, index: int) -> bool:
+        """All-at-once DiLoCo / EDiT (nothing in flight across steps): communicated in chunks of
+        ``--local-sgd-sync-chunk-size`` elements, with the main shard as the pseudo-gradient's store."""
+        return not self.cfg.layerwise and not self.streaming
+
+    def _predicted_unit_bytes(self, index: int) -> int:
+        numel = self.units[index].numel
+        if not self._chunked(index):
+            return self._predicted_bytes(numel)
+        size = self.cfg.sync_chunk_size
+        return sum(self._predicted_bytes(min(size, numel - lo)) for lo in range(0, numel, size))
 
     def _predicted_bytes(self, numel: int) -> int:
         group = self.topo.inter_worker_group
@@ -377,13 +425,23 @@ class LocalSGD:
         return 0 if group is None else (group.size() - 1) * self.L * 4
 
     def _compute_weights(self, shards: list[OuterShard], step_weights: Optional[torch.Tensor] = None):
-        """G [W, L] on every rank, then this worker's weight per layer (and the skip mask)."""
+        """G [W, L] on every rank, then this worker's weight per layer (and the skip mask). The squared
+        norms are taken chunk by chunk through one scratch buffer (``torch.dot``: no temporary of a
+        shard's size), in the engine's global shard order."""
         W = self.topo.num_workers
         local = torch.zeros(self.L, dtype=torch.float32, device=self.device)
-        for s in shards:
-            if s.count_in_worker_norm:
-                delta = s.anchor.to(s.main.device) - s.main.detach().float()
-                local[s.key] += delta.pow(2).sum()
+        counted = [s for s in shards if s.count_in_worker_norm]
+        size = min(self.cfg.sync_chunk_size, max((s.main.numel() for s in counted), default=0))
+        scratch = torch.empty(size, dtype=torch.float32, device=self.device)
+        for s in counted:
+            anchor, main = s.anchor.view(-1), s.main.detach().view(-1)  # anchor: pinned host memory if offloaded
+            for lo in range(0, main.numel(), max(size, 1)):
+                hi = min(main.numel(), lo + size)
+                delta = scratch[:hi - lo]
+                delta.copy_(anchor[lo:hi], non_blocking=True)
+                delta.sub_(main[lo:hi])
+                local[s.key] += torch.dot(delta, delta)
+        del scratch
         dist.all_reduce(local, group=self.topo.worker_group)
         gathered = torch.zeros(W * self.L, dtype=torch.float32, device=self.device)
         if self.topo.inter_worker_group is not None:
@@ -415,23 +473,70 @@ class LocalSGD:
         self._last_norms = norms
         return norms, anomalous_names
 
+    # ---- outer state where the update runs (offload: pinned host memory, staged a unit ahead)
+    def _stage(self, index: int) -> None:
+        if self._staging is not None and 0 <= index < len(self.units):
+            self._staging.stage(self.units[index])
+
+    def _outer_state(self, unit: _Unit, position: int, shard: OuterShard):
+        """(anchor, momentum) of a unit's shard on the device."""
+        if self._staging is None:
+            return shard.anchor, shard.momentum
+        return self._staging.tensors(unit, position)
+
+    # ---- launching, advancing and waiting for a unit's cross-worker reduction
+    def _fill_contribution(self, unit: _Unit, buffer: torch.Tensor, lo: int) -> None:
+        """buffer := weight_w * (anchor - theta_w) over the unit's flat elements [lo, lo + len(buffer)):
+        written in place, no temporary. NaN/Inf entries become 0 in the launch (a worker with a
+        non-finite delta has weight 0 and is named in the sync line)."""
+        hi, position = lo + buffer.numel(), 0
+        for j, s in enumerate(unit.shards):
+            n = s.main.numel()
+            a, b = max(lo, position), min(hi, position + n)
+            if a < b:
+                anchor, _ = self._outer_state(unit, j, s)
+                out = buffer[a - lo:b - lo]
+                torch.sub(anchor.reshape(-1)[a - position:b - position],
+                          s.main.detach().reshape(-1)[a - position:b - position], out=out)
+                out.mul_(self._weights[s.key])
+            position += n
+
+    def _launch(self, index: int, buffer: torch.Tensor, lo: int):
+        unit = self.units[index]
+        feedback = None
+        if unit.error_feedback is not None:
+            feedback = ErrorFeedbackSection(unit.error_feedback, lo, unit.numel)
+        # Weights are applied before the wire (_fill_contribution), so the reduction is a sum.
+        handle = launch_quantized_all_reduce_mean(
+            buffer, self.topo.inter_worker_group, self.cfg.outer_grad_dtype, self.cfg.outer_grad_block_size,
+            weight=1.0, divisor=1.0, error_feedback=feedback, inplace=True,
+            stochastic=self.cfg.outer_grad_stochastic_rounding, generator=self._rounding_generator(index),
+        )
+        self.bytes_sent_measured += handle.bytes_sent
+        return handle
+
     def _launch_unit(self, index: int) -> None:
         unit = self.units[index]
         if unit.launched or not unit.pending:  # finished units of this sync never go out again
             return
+        self._stage(index)
         unit.launched = True
-        parts = []
-        for s in unit.shards:
-            delta = s.anchor.to(s.main.device, non_blocking=True) - s.main.detach().float()
-            parts.append(weighted_sum_contribution(delta.view(-1), self._weights[s.key]))
-        contribution = torch.cat(parts) if parts else torch.zeros(0, device=self.device)
-        # Weights are applied before the wire (weighted_sum_contribution), so the reduction is a sum.
-        unit.handle = launch_quantized_all_reduce_mean(
-            contribution, self.topo.inter_worker_group, self.cfg.outer_grad_dtype,
-            self.cfg.outer_grad_block_size, weight=1.0, divisor=1.0, error_feedback=unit.error_feedback,
-            stochastic=self.cfg.outer_grad_stochastic_rounding, generator=self._rounding_generator(index),
-        )
-        self.bytes_sent_measured += unit.handle.bytes_sent
+        buffer = torch.empty(unit.numel, dtype=torch.float32, device=self.device)  # the unit's one buffer
+        self._fill_contribution(unit, buffer, 0)
+        unit.handle = self._launch(index, buffer, 0)
+
+    def _timed(self, fn):
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.exposed_comm_seconds += time.perf_counter() - start
+
+    def _advance_unit(self, index: int) -> None:
+        unit = self.units[index]
+        if unit.launched and not unit.advanced and unit.handle is not None:
+            self._timed(unit.handle.advance)
+            unit.advanced = True
 
     def _rounding_generator(self, index: int) -> Optional[torch.Generator]:
         """Stochastic rounding's random stream, seeded from (seed, sync iteration, unit, rank): every
@@ -447,11 +552,32 @@ class LocalSGD:
         self._launch_unit(index)
         unit = self.units[index]
         if unit.handle is not None:
-            unit.combined = unit.handle.wait()
+            unit.combined = self._timed(unit.handle.wait)
             unit.handle = None
+
+    def _prefetch_after(self, index: int) -> None:
+        """Layer-wise: two units ahead of the one being finished (in forward order, the order every rank
+        of the cross-worker group finishes them in): the next one moves to its second phase (a quantized
+        wire's requantize + all-gather), the one after is launched, and, with offload, the one after
+        that is staged. So a unit's second phase is in flight while the previous unit is consumed."""
+        ahead = [j for j in range(index + 1, len(self.units)) if self.units[j].pending][:3]
+        if ahead:
+            self._launch_unit(ahead[0])
+            self._advance_unit(ahead[0])
+        if len(ahead) > 1:
+            self._launch_unit(ahead[1])
+        if len(ahead) > 2:
+            self._stage(ahead[2])
 
     def _units_with_key(self, key: int) -> list[int]:
         return [i for i, u in enumerate(self.units) if key in u.keys]
+
+    def _pseudo_grad(self, unit: _Unit, offset: int, shard: OuterShard) -> torch.Tensor:
+        """A shard's reduced pseudo-gradient: a slice of the unit's buffer, or (chunked all-at-once
+        syncs) the main shard itself, which holds it until the outer step."""
+        if unit.combined is None:
+            return shard.main.detach().reshape(-1)
+        return unit.combined[offset:offset + shard.main.numel()]
 
     def _clip_scales(self, index: int) -> dict[int, torch.Tensor]:
         """Per-layer clip coefficient from the norm of the combined delta, reduced over the worker's ranks
@@ -465,7 +591,8 @@ class LocalSGD:
         if missing:
             location = {}  # id(shard) -> (unit, offset of the shard in the unit's combined delta)
             for j in sorted({j for key in missing for j in self._units_with_key(key)}):
-                self._wait_unit(j)
+                if not self._chunked(j):
+                    self._wait_unit(j)
                 offset = 0
                 for s in self.units[j].shards:
                     location[id(s)] = (j, offset)
@@ -475,51 +602,86 @@ class LocalSGD:
             for s in self.shards:
                 if s.key in wanted and s.count_in_stage_norm and id(s) in location:
                     j, offset = location[id(s)]
-                    sumsq[s.key] += self.units[j].combined[offset:offset + s.main.numel()].pow(2).sum()
+                    g = self._pseudo_grad(self.units[j], offset, s)
+                    sumsq[s.key] += torch.dot(g, g)
             dist.all_reduce(sumsq, group=self.topo.worker_stage_group)
             coefficient = clip_coefficient(sumsq.sqrt(), self.penalty_cfg.clip)
             for key in missing:
                 self._key_norm_cache[key] = coefficient[key]
         return {k: self._key_norm_cache[k] for k in unit.keys}
 
+    def _apply_outer_step(self, index: int) -> None:
+        """Outer step for one unit's shards, in place (the pseudo-gradient's storage is scratch); then
+        theta_w = anchor (streaming: the alpha-merge); model params follow (fp8.write_back_model_params)."""
+        unit = self.units[index]
+        scales = self._clip_scales(index)
+        cfg = self.cfg
+        skip = unit.skip_host if unit.skip_host is not None else unit.skip.tolist()
+        offset = 0
+        for j, s in enumerate(unit.shards):
+            pseudo_grad = self._pseudo_grad(unit, offset, s).view_as(s.main)
+            offset += s.main.numel()
+            anchor, momentum = self._outer_state(unit, j, s)
+            if not skip[s.key]:  # an all-anomalous layer keeps its anchor and momentum exactly
+                if s.key in scales:
+                    pseudo_grad.mul_(scales[s.key])
+                outer_step(anchor, momentum, pseudo_grad, cfg.outer_optimizer, cfg.outer_lr, cfg.outer_momentum,
+                           pseudo_grad_is_scratch=True)
+            with torch.no_grad():
+                if self.streaming:
+                    # theta = anchor' + alpha * (theta - anchor'): alpha = 0 gives the anchor exactly
+                    s.main.sub_(anchor).mul_(cfg.streaming_mix_alpha).add_(anchor)
+                else:
+                    s.main.copy_(anchor)
+        if self._staging is not None:
+            self._staging.unstage(unit)
+        # Model params from the fp32 main shards: copy, or requantize FP8 params per bucket (fp8.py).
+        write_back_model_params(unit, self.model, self.optimizer, self.num_layers)
+
     def _finish_unit(self, index: int) -> None:
-        """Outer step for one unit's shards; then theta_w = anchor for them."""
+        """Wait for a unit's reduction, then its outer step; layer-wise: keep the next units moving."""
         unit = self.units[index]
         self._wait_unit(index)
         if self.cfg.layerwise:
-            # Prefetch along DDP's own all-gather chain (next_param_gather_bucket_group, 0.16.1).
-            nxt = self._unit_of_bucket_group.get(id(getattr(unit.bucket_group, "next_param_gather_bucket_group", None)))
-            if nxt is not None:
-                self._launch_unit(nxt)
-        scales = self._clip_scales(index)
-        cfg = self.cfg
-        offset = 0
-        for s in unit.shards:
-            n = s.main.numel()
-            pseudo_grad = unit.combined[offset:offset + n].view_as(s.main)
-            offset += n
-            if s.key in scales:
-                pseudo_grad = pseudo_grad * scales[s.key]
-            anchor = s.anchor.to(s.main.device, non_blocking=True)
-            momentum = s.momentum.to(s.main.device, non_blocking=True) if s.momentum is not None else None
-            outer_step(anchor, momentum, pseudo_grad, cfg.outer_optimizer, cfg.outer_lr, cfg.outer_momentum,
-                       skip=unit.skip[s.key].expand(anchor.shape))
-            if anchor is not s.anchor:
-                s.anchor.copy_(anchor)
-                if momentum is not None:
-                    s.momentum.copy_(momentum)
-            with torch.no_grad():
-                if self.streaming:
-                    # theta = alpha * theta + (1 - alpha) * anchor' (alpha = 0 gives the anchor exactly)
-                    s.main.copy_(torch.lerp(anchor, s.main.detach().float(), cfg.streaming_mix_alpha))
-                else:
-                    s.main.copy_(anchor)
-        # Model params from the fp32 main shards: copy, or requantize FP8 params per bucket (fp8.py).
-        write_back_model_params(unit, self.model, self.optimizer, self.num_layers)
+            self._prefetch_after(index)
+        self._apply_outer_step(index)
         unit.combined = None
         unit.launched = False
         unit.advanced = False
         unit.pending = False
+        unit.advance_at = None
+
+    def _sync_all_at_once(self, index: int) -> None:
+        """A whole unit (a stage's shards) at the optimizer step, in chunks of --local-sgd-sync-chunk-size
+        elements through one buffer: each chunk's reduced pseudo-gradient replaces theta in the main shard
+        (theta is not needed after its delta was taken, and becomes the new anchor anyway), then the clip
+        norms and the outer step read it from there. Extra memory: one chunk (plus the wire bytes),
+        whatever the size of the stage."""
+        unit = self.units[index]
+        self._stage(index)
+        size = min(self.cfg.sync_chunk_size, unit.numel)
+        buffer = torch.empty(size, dtype=torch.float32, device=self.device)
+        for lo in range(0, unit.numel, size):
+            piece = buffer[:min(size, unit.numel - lo)]
+            self._fill_contribution(unit, piece, lo)
+            handle = self._launch(index, piece, lo)
+            reduced = self._timed(handle.wait)
+            self._store_in_main(unit, reduced, lo)
+        del buffer
+        unit.combined = None
+        self._apply_outer_step(index)
+        unit.pending = False
+
+    @staticmethod
+    def _store_in_main(unit: _Unit, values: torch.Tensor, lo: int) -> None:
+        hi, position = lo + values.numel(), 0
+        with torch.no_grad():
+            for s in unit.shards:
+                n = s.main.numel()
+                a, b = max(lo, position), min(hi, position + n)
+                if a < b:
+                    s.main.view(-1)[a - position:b - position].copy_(values[a - lo:b - lo])
+                position += n
 
     def _regather_params(self) -> None:
         """All-at-once with the distributed optimizer: each rank updated its shard, so the worker's
@@ -531,11 +693,12 @@ class LocalSGD:
     def flush_pending(self) -> None:
         """Apply every deferred layer-wise update now (before eval, checkpoint, or the next sync).
         Streaming fragments in flight are not deferred updates: they merge at their own iteration."""
-        if not self.cfg.layerwise:
-            return
-        for index, unit in enumerate(self.units):
-            if unit.pending:
-                self._finish_unit(index)
+        if self.cfg.layerwise:
+            for index, unit in enumerate(self.units):
+                if unit.pending:
+                    self._finish_unit(index)
+        if self._staging is not None:
+            self._staging.settle(host=True)  # eval, checkpoints and the next sync read the host copies
 
     def complete_in_flight(self) -> None:
         """Wait for the collectives of streaming fragments in flight (before a checkpoint): their
@@ -544,6 +707,8 @@ class LocalSGD:
         for index, unit in enumerate(self.units):
             if unit.launched and unit.handle is not None:
                 self._wait_unit(index)
+        if self._staging is not None:
+            self._staging.settle(host=True)  # the checkpoint reads the outer state's host copies
 
     def outer_state_bytes(self) -> int:
         return outer_state_bytes(self.shards)

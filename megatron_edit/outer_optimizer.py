@@ -26,6 +26,7 @@ def outer_step(
     lr: float,
     momentum_coef: float,
     skip: Tensor | None = None,
+    pseudo_grad_is_scratch: bool = False,
 ) -> None:
     """Apply one outer step to ``anchor`` (and ``outer_momentum``) in place.
 
@@ -56,6 +57,9 @@ def outer_step(
             expands the per-layer ``skip`` of ``penalty_weights`` to the shard's elements. Non-skipped
             elements get bit-identical results to the ``skip=None`` path. Costs two temporaries the
             size of the shard.
+        pseudo_grad_is_scratch: the caller's ``pseudo_grad`` may be overwritten (it holds the Nesterov
+            update afterwards), so the step allocates nothing the size of the shard; the same operations
+            on the same values as without it, so the results are bit-identical. Ignored with ``skip``.
     """
     _check_args(anchor, outer_momentum, pseudo_grad, method, lr, momentum_coef, skip)
     if method == "average":
@@ -76,7 +80,13 @@ def outer_step(
     assert outer_momentum is not None  # checked in _check_args
     if skip is None:
         outer_momentum.mul_(momentum_coef).add_(pseudo_grad)
-        update = pseudo_grad.add(outer_momentum, alpha=momentum_coef) if method == "nesterov" else outer_momentum
+        if method == "nesterov":
+            if pseudo_grad_is_scratch:
+                update = pseudo_grad.add_(outer_momentum, alpha=momentum_coef)
+            else:
+                update = pseudo_grad.add(outer_momentum, alpha=momentum_coef)
+        else:
+            update = outer_momentum
         anchor.add_(update, alpha=-lr)
         return
 

@@ -114,3 +114,91 @@ def outer_state_bytes(shards: list[OuterShard]) -> int:
             if t is not None:
                 total += t.numel() * t.element_size()
     return total
+
+
+class OuterStateStaging:
+    """Offloaded outer state (``--local-sgd-offload-outer-state``, SPEC 2.2): anchor and momentum live in
+    pinned host memory; a unit's are brought to the device a unit ahead of its launch and written back
+    after its outer step, so the device holds the outer state of the few units in flight, not a stage's.
+
+    On CUDA both copies run on a side stream, ordered by events and never by the host: the host-to-device
+    copy (``non_blocking`` from pinned memory) records an event the compute stream waits for before the
+    staged tensors are read; the device-to-host copy starts after an event recorded on the compute stream
+    when the outer step was enqueued, and the staged tensors stay alive until its own event completes. The
+    next sync (and a checkpoint) first waits for the write-backs (``settle``). Without CUDA (gloo tests,
+    CPU runs) the same code path does plain copies, so training is bitwise the same as without offload.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device=device) if self.cuda else None
+        self._releasing: list = []  # (event, staged tensors) of write-backs in flight
+
+    def stage(self, unit) -> None:
+        """Start bringing the unit's anchor and momentum to the device (no-op if already there)."""
+        if unit.staged is not None:
+            return
+
+        def copy(t):
+            return None if t is None else torch.empty(t.shape, dtype=t.dtype, device=self.device).copy_(
+                t, non_blocking=True)
+
+        if not self.cuda:
+            unit.staged = ([(copy(s.anchor), copy(s.momentum)) for s in unit.shards], None)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            tensors = [(copy(s.anchor), copy(s.momentum)) for s in unit.shards]
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        unit.staged = (tensors, ready)
+
+    def tensors(self, unit, position: int):
+        """The unit's staged (anchor, momentum) of shard ``position``; the compute stream waits for them."""
+        if unit.staged is None:
+            self.stage(unit)
+        tensors, ready = unit.staged
+        if ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            for pair in tensors:
+                for t in pair:
+                    if t is not None:
+                        t.record_stream(current)  # allocated on the side stream, used on this one
+            unit.staged = (tensors, None)
+        return tensors[position]
+
+    def unstage(self, unit) -> None:
+        """Write the unit's updated anchor and momentum back to host memory and drop the device copies."""
+        if unit.staged is None:
+            return
+        tensors, _ = unit.staged
+        unit.staged = None
+        if not self.cuda:
+            for s, (anchor, momentum) in zip(unit.shards, tensors):
+                s.anchor.copy_(anchor)
+                if momentum is not None:
+                    s.momentum.copy_(momentum)
+            return
+        updated = torch.cuda.Event()
+        updated.record(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(updated)
+            for s, (anchor, momentum) in zip(unit.shards, tensors):
+                s.anchor.copy_(anchor, non_blocking=True)
+                if momentum is not None:
+                    s.momentum.copy_(momentum, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        self._releasing = [(e, t) for e, t in self._releasing if not e.query()] + [(copied, tensors)]
+
+    def settle(self, host: bool = False) -> None:
+        """Order everything after the write-backs in flight: the compute stream waits for them (the next
+        sync reads the host copies through it); ``host``: the host waits too (a checkpoint reads them)."""
+        if not self.cuda:
+            return
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        if host:
+            self.stream.synchronize()
+        self._releasing = []

@@ -36,6 +36,13 @@ excluded), computed from sizes on the host (no sync). It is the traffic of a ban
 ring) implementation; for the fp32 ``all_reduce`` it is the same reduce-scatter + all-gather count, since the
 backend's own all-reduce algorithm is not observable.
 
+Memory: with ``inplace=True`` the caller's fp32 vector is the contribution buffer (weighted, compensated and
+sanitised in place), then, once encoded, the buffer the result is decoded into, so a reduction needs no
+fp32 temporary of its size: beyond it, the encoded bytes sent and received (bits / 32 of the fp32 size
+each way: fp4 ~0.14x, int8 ~0.28x, bf16 0.5x) and codec temporaries bounded by :data:`CODEC_CHUNK`
+elements (every encode and decode runs chunk by chunk; blocks are independent, so the bytes are those of
+one whole-vector encode). fp32 is an in-place all-reduce.
+
 Async: :func:`launch_quantized_all_reduce_mean` starts the first collective and returns a handle; training can
 go on while it is in flight (Streaming DiLoCo's overlap of tau inner steps). ``handle.advance()`` finishes
 phase 1 and launches phase 2 without waiting for it; ``handle.wait()`` completes everything and returns the
@@ -134,22 +141,77 @@ def _message(enc: Encoded, start: int, end: int, fmt: WireFormat, block_size: in
     return torch.cat([payload, scales.contiguous().view(torch.uint8)])
 
 
-def _decode_message(message: torch.Tensor, numel: int, fmt: WireFormat, block_size: int) -> torch.Tensor:
-    """Inverse of :func:`_message` for a chunk of ``numel`` elements."""
-    size = payload_bytes(numel, fmt)
-    scales = None
-    if fmt.has_scales:
-        scales = message[size:].clone().view(torch.float32)  # clone: the slice may be misaligned for fp32
-    empty = torch.zeros((), dtype=torch.bool, device=message.device)
-    return decode(Encoded(message[:size], scales, numel, empty), fmt, block_size)
+CODEC_CHUNK = 1 << 16  # elements encoded or decoded at a time: the codecs need ~16 fp32-sized temporaries of it
 
 
-def _fp32_sum(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Sum in fp32, strictly in list (rank) order, so every rank and every test gets the same bits."""
-    total = parts[0].to(torch.float32).clone()
-    for part in parts[1:]:
-        total += part
-    return total
+def _codec_step(fmt: WireFormat, block_size: int) -> int:
+    """CODEC_CHUNK rounded down to whole blocks (scaled formats) and whole bytes (4-bit formats)."""
+    unit = block_size if fmt.has_scales else 1
+    if fmt.bits < 8 and unit % 2:
+        unit *= 2
+    return max(unit, CODEC_CHUNK // unit * unit)
+
+
+def _sanitize_(x: torch.Tensor, step: int) -> torch.Tensor:
+    """In place: NaN/Inf entries become 0; returns the 0-dim bool "had one" (no host sync)."""
+    flag = torch.zeros((), dtype=torch.bool, device=x.device)
+    for lo in range(0, x.numel(), step):
+        piece = x[lo:lo + step]
+        flag |= ~torch.isfinite(piece).all()
+        piece.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return flag
+
+
+def _encode_bounded(x: torch.Tensor, fmt: WireFormat, block_size: int, stochastic: bool,
+                    generator: torch.Generator | None, error_feedback: ErrorFeedback | None) -> Encoded:
+    """``encode(x)`` chunk by chunk into one payload and one scale vector (the same bytes: blocks are
+    independent), recording the error-feedback residual of each chunk as it goes."""
+    n = x.numel()
+    payload = torch.empty(payload_bytes(n, fmt), dtype=torch.uint8, device=x.device)
+    scales = torch.empty(num_blocks(n, fmt, block_size), dtype=torch.float32, device=x.device) \
+        if fmt.has_scales else None
+    step = _codec_step(fmt, block_size)
+    for lo in range(0, n, step):
+        piece = x[lo:lo + step]
+        enc = encode(piece, fmt, block_size, stochastic, generator)
+        start = lo * fmt.bits // 8
+        payload[start:start + enc.payload.numel()] = enc.payload
+        if scales is not None:
+            scales[lo // block_size:lo // block_size + enc.scales.numel()] = enc.scales
+        if error_feedback is not None:
+            error_feedback.record_slice(lo, n, piece, decode(enc, fmt, block_size))
+    return Encoded(payload, scales, n, torch.zeros((), dtype=torch.bool, device=x.device))
+
+
+def _decode_into(out: torch.Tensor, message: torch.Tensor, fmt: WireFormat, block_size: int,
+                 accumulate: bool) -> None:
+    """``out`` (1-D fp32) := (or +=) the decoded :func:`_message` of ``out.numel()`` elements, chunk by chunk."""
+    n = out.numel()
+    size = payload_bytes(n, fmt)
+    step = _codec_step(fmt, block_size)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        start = lo * fmt.bits // 8
+        payload = message[start:start + payload_bytes(hi - lo, fmt)]
+        scales = None
+        if fmt.has_scales:
+            first = size + 4 * (lo // block_size)
+            scales = _view_fp32(message[first:first + 4 * num_blocks(hi - lo, fmt, block_size)])
+        empty = torch.zeros((), dtype=torch.bool, device=message.device)
+        values = decode(Encoded(payload, scales, hi - lo, empty), fmt, block_size)
+        if accumulate:
+            out[lo:hi] += values
+        else:
+            out[lo:hi] = values
+
+
+def _view_fp32(data: torch.Tensor) -> torch.Tensor:
+    return data.clone().view(torch.float32)  # clone: the slice may be misaligned for fp32
+
+
+def _divide_(x: torch.Tensor, divisor: Weight) -> None:
+    if not (isinstance(divisor, (int, float)) and divisor == 1):
+        x.div_(divisor)
 
 
 def _chunk_wire_sizes(
@@ -221,7 +283,8 @@ class _PlainAllReduce:
         if self.work is not None:
             self.work.wait()
             self.work = None
-            self.buffer = self.buffer / self.divisor
+            if not (isinstance(self.divisor, (int, float)) and self.divisor == 1):
+                self.buffer.div_(self.divisor)
         return self.buffer
 
 
@@ -236,9 +299,10 @@ class _AllGather:
         block_size: int,
         divisor: Weight,
         nonfinite: torch.Tensor,
+        out: torch.Tensor,
     ) -> None:
         self.fmt, self.block_size, self.divisor, self.nonfinite = fmt, block_size, divisor, nonfinite
-        self.numel = enc.numel
+        self.numel, self.out = enc.numel, out
         self.world_size = dist.get_world_size(group)
         message = _message(enc, 0, enc.numel, fmt, block_size)
         self.message_bytes = message.numel()
@@ -255,12 +319,10 @@ class _AllGather:
     def wait(self) -> torch.Tensor:
         if self.result is None:
             self.work.wait()
-            parts = [
-                _decode_message(m, self.numel, self.fmt, self.block_size)
-                for m in self.received.split(self.message_bytes)
-            ]
-            self.result = _fp32_sum(parts) / self.divisor
-            self.received = None
+            for index, message in enumerate(self.received.split(self.message_bytes)):  # fp32 sum in rank order
+                _decode_into(self.out, message, self.fmt, self.block_size, accumulate=index > 0)
+            _divide_(self.out, self.divisor)
+            self.result, self.received = self.out, None
         return self.result
 
 
@@ -277,8 +339,9 @@ class _ReduceScatterAllGather:
         nonfinite: torch.Tensor,
         stochastic: bool,
         generator: torch.Generator | None,
+        out: torch.Tensor,
     ) -> None:
-        self.group, self.fmt, self.block_size, self.divisor = group, fmt, block_size, divisor
+        self.group, self.fmt, self.block_size, self.divisor, self.out = group, fmt, block_size, divisor, out
         self.nonfinite, self.stochastic, self.generator = nonfinite, stochastic, generator
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -300,9 +363,11 @@ class _ReduceScatterAllGather:
         self.work.wait()
         start, end = self.bounds[self.rank]
         own = self.sizes[self.rank]
-        parts = [_decode_message(m, end - start, self.fmt, self.block_size) for m in self.received.split(own)]
-        reduced = _fp32_sum(parts) / self.divisor
-        enc = encode(reduced, self.fmt, self.block_size, self.stochastic, self.generator)
+        reduced = self.out[start:end]  # this rank's own contribution is already encoded and sent
+        for index, message in enumerate(self.received.split(own)):  # fp32 sum in rank order
+            _decode_into(reduced, message, self.fmt, self.block_size, accumulate=index > 0)
+        _divide_(reduced, self.divisor)
+        enc = _encode_bounded(reduced, self.fmt, self.block_size, self.stochastic, self.generator, None)
         message = _message(enc, 0, end - start, self.fmt, self.block_size)
         self.received = torch.empty(sum(self.sizes), dtype=torch.uint8, device=message.device)
         self.work = dist.all_to_all_single(
@@ -315,12 +380,9 @@ class _ReduceScatterAllGather:
         if self.result is None:
             self.advance()
             self.work.wait()
-            chunks = [
-                _decode_message(m, end - start, self.fmt, self.block_size)
-                for m, (start, end) in zip(self.received.split(self.sizes), self.bounds)
-            ]
-            self.result = torch.cat(chunks)
-            self.received = None
+            for message, (start, end) in zip(self.received.split(self.sizes), self.bounds):
+                _decode_into(self.out[start:end], message, self.fmt, self.block_size, accumulate=False)
+            self.result, self.received = self.out, None
             self.phase = 3
         return self.result
 
@@ -336,50 +398,53 @@ def launch_quantized_all_reduce_mean(
     stochastic: bool = False,
     generator: torch.Generator | None = None,
     error_feedback: ErrorFeedback | None = None,
+    inplace: bool = False,
 ) -> QuantizedAllReduceHandle:
     """Start ``sum_w (weight_w * x_w) / divisor`` over ``group`` with ``fmt`` on the wire; see the module doc.
 
-    ``x`` is this rank's 1-D contribution (same length on every rank; not modified). ``divisor`` defaults to
-    the group size (a plain mean); pass the sum of the weights for a weighted mean, or 1 when the weights
-    are already normalised (EDiT's softmax weights, SPEC 2.2). With ``error_feedback``, this rank's
-    residual from the previous sync is added to ``weight * x`` before encoding and the new residual (of the
-    first quantization) is stored. ``generator`` drives stochastic rounding of both quantizations.
+    ``x`` is this rank's 1-D contribution (same length on every rank). Not modified unless ``inplace``: then
+    ``x`` (fp32, contiguous) is the working buffer and, on ``wait()``, the result (module doc, Memory).
+    ``divisor`` defaults to the group size (a plain mean); pass the sum of the weights for a weighted mean, or
+    1 when the weights are already normalised (EDiT's softmax weights, SPEC 2.2). With ``error_feedback``,
+    this rank's residual from the previous sync is added to ``weight * x`` before encoding and the new
+    residual (of the first quantization) is stored. ``generator`` drives stochastic rounding of both
+    quantizations.
     """
     fmt = get_format(fmt)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if x.dim() != 1:
         raise ValueError(f"quantized all-reduce takes a 1-D tensor, got shape {tuple(x.shape)}")
+    if inplace and (x.dtype != torch.float32 or not x.is_contiguous()):
+        raise ValueError("an in-place quantized all-reduce needs a contiguous fp32 tensor")
     world_size = dist.get_world_size(group)
     if divisor is None:
         divisor = float(world_size)
 
-    contribution = x.to(torch.float32)
+    contribution = x if inplace else x.to(torch.float32, copy=True)
     if not (isinstance(weight, (int, float)) and weight == 1):
-        contribution = contribution * weight
+        contribution.mul_(weight)
     if error_feedback is not None:
-        contribution = error_feedback.compensate(contribution)
-    finite = torch.isfinite(contribution)
-    nonfinite = ~finite.all()
-    contribution = torch.where(finite, contribution, torch.zeros_like(contribution))  # a fresh buffer
+        error_feedback.compensate_(contribution)
+    nonfinite = _sanitize_(contribution, _codec_step(fmt, block_size))
 
     if world_size == 1 or contribution.numel() == 0:
         if error_feedback is not None:
-            error_feedback.record(contribution, contribution)
-        return _Done(contribution / divisor, nonfinite)
+            error_feedback.record_slice(0, contribution.numel(), contribution, contribution)
+        _divide_(contribution, divisor)
+        return _Done(contribution, nonfinite)
     if fmt.name == "fp32":
         if error_feedback is not None:
-            error_feedback.record(contribution, contribution)
+            error_feedback.record_slice(0, contribution.numel(), contribution, contribution)
         _, sizes = _chunk_wire_sizes(contribution.numel(), world_size, fmt, block_size)
         bytes_sent = _reduce_scatter_all_gather_bytes(sizes, dist.get_rank(group))
         return _PlainAllReduce(contribution, group, divisor, nonfinite, bytes_sent)
 
-    enc = encode(contribution, fmt, block_size, stochastic, generator)
-    if error_feedback is not None:
-        error_feedback.record(contribution, decode(enc, fmt, block_size))
+    enc = _encode_bounded(contribution, fmt, block_size, stochastic, generator, error_feedback)
     if algorithm == ALL_GATHER:
-        return _AllGather(enc, group, fmt, block_size, divisor, nonfinite)
-    return _ReduceScatterAllGather(enc, group, fmt, block_size, divisor, nonfinite, stochastic, generator)
+        return _AllGather(enc, group, fmt, block_size, divisor, nonfinite, contribution)
+    return _ReduceScatterAllGather(enc, group, fmt, block_size, divisor, nonfinite, stochastic, generator,
+                                   contribution)
 
 
 def quantized_all_reduce_mean(

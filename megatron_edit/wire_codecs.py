@@ -367,6 +367,20 @@ class ErrorFeedback:
         residual = sent.to(torch.float32) - decoded
         self.residual = torch.where(torch.isfinite(residual), residual, torch.zeros_like(residual))
 
+    def compensate_(self, x: torch.Tensor) -> None:
+        """In place: x += the residual of the previous sync (x is the caller's fp32 working buffer)."""
+        if self.residual is not None:
+            x.add_(self.residual)
+
+    def record_slice(self, start: int, numel: int, sent: torch.Tensor, decoded: torch.Tensor) -> None:
+        """``record`` for elements [start, start + len(sent)) of a vector of ``numel`` (the residual is
+        kept whole; codecs encode chunk by chunk to bound their temporaries)."""
+        if self.residual is None or self.residual.numel() != numel:
+            self.residual = torch.zeros(numel, dtype=torch.float32, device=sent.device)
+        piece = self.residual[start:start + sent.numel()]
+        torch.sub(sent.to(torch.float32), decoded, out=piece)
+        piece.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
     def encode(
         self,
         x: torch.Tensor,
@@ -390,3 +404,19 @@ class ErrorFeedback:
     def load_state_dict(self, state_dict: dict[str, torch.Tensor | None]) -> None:
         residual = state_dict["residual"]
         self.residual = None if residual is None else residual.detach().to(torch.float32).clone()
+
+
+class ErrorFeedbackSection:
+    """The part [offset, offset + len) of an ``ErrorFeedback`` of ``numel`` elements: a vector sent in
+    chunks (an all-at-once sync communicates a stage in bounded chunks) keeps one residual."""
+
+    def __init__(self, feedback: ErrorFeedback, offset: int, numel: int) -> None:
+        self.feedback, self.offset, self.numel = feedback, offset, numel
+
+    def compensate_(self, x: torch.Tensor) -> None:
+        residual = self.feedback.residual
+        if residual is not None:
+            x.add_(residual[self.offset:self.offset + x.numel()])
+
+    def record_slice(self, start: int, numel: int, sent: torch.Tensor, decoded: torch.Tensor) -> None:
+        self.feedback.record_slice(self.offset + start, self.numel, sent, decoded)

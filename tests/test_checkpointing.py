@@ -19,7 +19,7 @@ from megatron_edit.checkpoint import files
 from megatron_edit.training.launch import _free_port, redirect_fds, run_processes
 from mp_harness import TINY_MODEL, losses, run_training
 
-BASE = TINY_MODEL + ["--global-batch-size", "8", "--lr", "1e-2", "--train-iters", "10"]
+BASE = TINY_MODEL + ["--global-batch-size", "8", "--lr", "1e-2"]
 DIST_OPT = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
             "--ddp-bucket-size", "4000"]
 METHODS = {
@@ -28,23 +28,31 @@ METHODS = {
     # DiLoCo over PP 2 x DP 2 (one rank per worker and stage), distributed optimizer, sync warmup
     "diloco": (["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--local-sgd", "diloco",
                 "--local-sgd-workers", "2", "--local-sgd-sync-interval", "4", "--local-sgd-warmup-iters", "1"], 4),
-    # EDiT layer-wise with the penalty, DP 4 = 2 workers x 2 ranks (sharded outer state)
+    # EDiT layer-wise with the penalty, DP 4 = 2 workers x 2 ranks (sharded outer state), saved mid-interval
     "edit": (DIST_OPT + ["--local-sgd", "edit", "--local-sgd-workers", "2", "--local-sgd-sync-interval", "4"], 4),
+    # the same saved at a sync, with the layer-wise updates still pending (the save lands them)
+    "edit-at-sync": (DIST_OPT + ["--local-sgd", "edit", "--local-sgd-workers", "2",
+                                 "--local-sgd-sync-interval", "4"], 4),
     # streaming in bf16: 2 fragments, overlap 1, fp4 wire with error feedback; fragment 1 in flight at 6
     "streaming": (["--bf16", "--use-distributed-optimizer", "--local-sgd", "streaming", "--local-sgd-workers", "2",
                    "--local-sgd-sync-interval", "4", "--streaming-fragments", "2", "--streaming-overlap-steps", "1",
                    "--outer-grad-error-feedback"], 2),
 }
-SAVE_AT = {"none": 6, "diloco": 6, "edit": 8, "streaming": 6}
+# Saved at SAVE_AT, trained on to ITERS: every local-SGD resume crosses at least two syncs after the load
+# (diloco: 9, 13; edit: 8, 12; streaming: fragment 0 at 8, 12 and fragment 1 at 10, 14), so the anchor,
+# outer momentum, penalty statistics and fragments in flight that the checkpoint holds are all read.
+SAVE_AT = {"none": 6, "diloco": 6, "edit": 6, "edit-at-sync": 4, "streaming": 6}
+ITERS = {"none": 10, "diloco": 14, "edit": 14, "edit-at-sync": 14, "streaming": 14}
 
 
 @pytest.fixture(scope="module")
 def saved_runs(tmp_path_factory):
-    """Per method: (losses of the run that saved at SAVE_AT and went on to 10, its checkpoint root)."""
+    """Per method: (losses of the run that saved at SAVE_AT and went on to ITERS, its checkpoint root)."""
     out = {}
     for method, (extra, world) in METHODS.items():
         root = str(tmp_path_factory.mktemp(f"ckpt-{method}"))
-        curve = losses(run_training(BASE + extra + ["--save", root, "--save-interval", str(SAVE_AT[method])],
+        curve = losses(run_training(BASE + extra + ["--train-iters", str(ITERS[method]), "--save", root,
+                                                    "--save-interval", str(SAVE_AT[method])],
                                     world, keep_params=False))
         out[method] = (curve, root)
     return out
@@ -54,11 +62,12 @@ def saved_runs(tmp_path_factory):
 def test_resume_is_bit_exact(saved_runs, method):
     extra, world = METHODS[method]
     straight, root = saved_runs[method]
-    n = SAVE_AT[method]
-    assert sorted(os.listdir(root)) == sorted([files.TRACKER, f"iter_{n:07d}", "iter_0000010"])
-    resumed = losses(run_training(BASE + extra + ["--load", root, "--ckpt-step", str(n)], world,
-                                  keep_params=False))
-    assert len(straight) == 10 and len(resumed) == 10 - n
+    n, iters = SAVE_AT[method], ITERS[method]
+    saves = sorted({i for i in range(n, iters + 1, n)} | {iters})
+    assert sorted(os.listdir(root)) == sorted([files.TRACKER] + [f"iter_{i:07d}" for i in saves])
+    resumed = losses(run_training(BASE + extra + ["--train-iters", str(iters), "--load", root, "--ckpt-step",
+                                                  str(n)], world, keep_params=False))
+    assert len(straight) == iters and len(resumed) == iters - n
     assert resumed == straight[n:], f"{method}: {resumed} vs {straight[n:]}"
 
 
@@ -69,8 +78,9 @@ def test_resharding_tp_and_data_parallel(saved_runs):
     straight, root = saved_runs["edit"]
     extra = ["--tensor-model-parallel-size", "2"] + DIST_OPT + [
         "--local-sgd", "edit", "--local-sgd-workers", "2", "--local-sgd-sync-interval", "4"]
-    curve = losses(run_training(BASE + extra + ["--load", root, "--ckpt-step", str(SAVE_AT["edit"])], 4,
-                                keep_params=False))
+    curve = losses(run_training(BASE + extra + ["--train-iters", str(ITERS["edit"]), "--load", root,
+                                                "--ckpt-step", str(SAVE_AT["edit"])], 4, keep_params=False))
+    assert len(curve) == ITERS["edit"] - SAVE_AT["edit"]  # across the syncs at 8 and 12
     assert curve == pytest.approx(straight[SAVE_AT["edit"]:], rel=2e-5)
 
 
@@ -81,13 +91,23 @@ def test_resharding_tp_and_data_parallel(saved_runs):
     ("synchronous", ["--use-distributed-optimizer"]),
 ])
 def test_resharding_number_of_workers(saved_runs, name, extra):
+    """Saved mid-interval (6) by 2 workers; loaded by 4 workers (2 ranks each -> 1), or by a synchronous
+    run. What the load starts from is exact: new worker w's params are saved worker (w mod 2)'s, and the
+    two saved workers differ. Then it trains across two syncs (8, 12) and keeps close to the saved run's
+    curve (another number of workers is another run: the same global batch, split differently)."""
     straight, root = saved_runs["edit"]
-    curve = losses(run_training(BASE + extra + ["--load", root, "--ckpt-step", str(SAVE_AT["edit"])],
-                                2 if name == "synchronous" else 4, keep_params=False))
-    assert len(curve) == 2
+    results = run_training(BASE + extra + ["--train-iters", str(ITERS["edit"]), "--load", root, "--ckpt-step",
+                                           str(SAVE_AT["edit"])], 2 if name == "synchronous" else 4,
+                           keep_params=False)
+    curve = losses(results)
+    assert len(curve) == ITERS["edit"] - SAVE_AT["edit"]
+    if name == "4-workers":
+        start = {r["worker"]: r["initial_digest"] for r in results}
+        assert start[2] == start[0] and start[3] == start[1] and start[0] != start[1]
     # Continues where the saved run was (not from the initial 5.56), and keeps training.
     expected = straight[SAVE_AT["edit"]:]
     assert all(abs(a - b) < 0.15 for a, b in zip(curve, expected)), (curve, expected)
+    assert curve[-1] < straight[0] - 0.5
 
 
 def test_a_edit_saves_at_a_sync_and_resumes(tmp_path):

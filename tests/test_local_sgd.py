@@ -92,6 +92,17 @@ def test_edit_layerwise_equals_all_at_once_with_pipeline_and_an_active_clip(layo
     assert unclipped != losses(at_once)  # the clip did change the outer steps
 
 
+def test_offloaded_outer_state_trains_bitwise_like_on_device(edit_all_at_once):
+    """--local-sgd-offload-outer-state keeps anchor and momentum in (pinned) host memory and stages each
+    unit's a unit ahead of its launch (layer-wise here): on CPU the same code path does plain copies, so
+    the run is bit for bit the run without offload (and layer-wise equals all-at-once)."""
+    offloaded = run_training(EDIT + ["--local-sgd-offload-outer-state"], 4)
+    assert losses(offloaded) == losses(edit_all_at_once)
+    for a, b in zip(offloaded, edit_all_at_once):
+        _assert_params_close(a["params"], b["params"], rtol=0, atol=0)
+        assert a["outer_state_bytes"] == b["outer_state_bytes"] == 2 * a["main_shard_bytes"]
+
+
 def test_workers_agree_after_sync_and_differ_between(edit_all_at_once):
     """Digests of each rank's fp32 main shard: equal across workers (same shard) at warmup and sync
     iterations, different in between; at the end every rank of a TP/PP slice holds the same params."""

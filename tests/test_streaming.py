@@ -11,10 +11,14 @@ BASE = TINY_MODEL + ["--global-batch-size", "16", "--train-iters", "8", "--lr", 
 
 
 def test_one_fragment_no_overlap_no_mixing_fp32_equals_diloco():
-    diloco = run_training(BASE + ["--local-sgd", "diloco"], 4)
-    streaming = run_training(BASE + ["--local-sgd", "streaming", "--streaming-fragments", "1",
-                                     "--streaming-overlap-steps", "0", "--streaming-mix-alpha", "0",
-                                     "--outer-grad-dtype", "fp32"], 4)
+    """SPEC 2.4: P = 1, tau = 0, alpha = 0 and an fp32 wire is DiLoCo, bit for bit, over three syncs
+    (5, 9, 13: the outer momentum of one sync enters the next)."""
+    long = ["--train-iters", "13"]
+    diloco = run_training(BASE + long + ["--local-sgd", "diloco"], 4)
+    streaming = run_training(BASE + long + ["--local-sgd", "streaming", "--streaming-fragments", "1",
+                                            "--streaming-overlap-steps", "0", "--streaming-mix-alpha", "0",
+                                            "--outer-grad-dtype", "fp32"], 4)
+    assert len(losses(diloco)) == 13
     assert losses(streaming) == losses(diloco)
     for a, b in zip(streaming, diloco):
         assert a["params"].keys() == b["params"].keys()
@@ -46,6 +50,63 @@ def test_overlapped_fragment_merges_to_the_average_at_launch():
                 torch.testing.assert_close(after[1][i], mean, rtol=1e-6, atol=1e-7)
             else:
                 assert not torch.equal(after[0][i], after[1][i])
+
+
+def test_mixing_factor_merges_toward_the_workers_own_params():
+    """alpha = 0.25, tau = 0, outer 'average': at fragment 0's first sync (iteration 4) every worker's
+    fragment becomes anchor' + alpha (theta_w - anchor'), anchor' the workers' mean: a quarter of the way
+    back towards its own params (swapped lerp arguments would give three quarters). theta_w, the
+    params the merge starts from, come from the same run with alpha = 1 (the merge keeps them); up to
+    iteration 4 both runs are the same computation."""
+    argv = TINY_MODEL + ["--global-batch-size", "8", "--train-iters", "4", "--lr", "1e-2",
+                         "--local-sgd", "streaming", "--local-sgd-workers", "2", "--local-sgd-sync-interval", "4",
+                         "--streaming-fragments", "2", "--streaming-overlap-steps", "0", "--outer-grad-dtype", "fp32",
+                         "--outer-optimizer", "average"]
+    mixed = run_training(argv + ["--streaming-mix-alpha", "0.25"], 2, keep_snapshots=True)
+    kept = run_training(argv + ["--streaming-mix-alpha", "1"], 2, keep_snapshots=True)
+    frag = [mixed[0]["fragment_of_key"][k] for k in mixed[0]["shard_keys"]]
+    for i, f in enumerate(frag):
+        theta = [r["snapshots"][3][i] for r in kept]
+        got = [r["snapshots"][3][i] for r in mixed]
+        if f == 0:
+            mean = (theta[0] + theta[1]) / 2
+            for w in range(2):
+                torch.testing.assert_close(got[w], mean + 0.25 * (theta[w] - mean), rtol=1e-5, atol=1e-6)
+            assert (theta[0] - theta[1]).abs().max() > 1e-3  # the workers did differ
+        else:
+            assert torch.equal(got[0], theta[0]) and torch.equal(got[1], theta[1])
+
+
+def test_fp4_layerwise_edit_equals_a_reference_sync():
+    """One layer-wise EDiT sync over an fp4 (E3M0) wire, recomputed in the test from the workers' params:
+    each worker sends 0.5 (anchor - theta_w) (uniform weights), quantized per 128-value block; each rank
+    sums its chunk of the decoded contributions in fp32, requantizes it and gathers the rest; the outer
+    step ('average') subtracts the result from the anchor. The params after the sync must equal that
+    bit for bit (one bucket: the unit is the whole shard, whose layout the test knows)."""
+    from megatron_edit.quantized_collectives import chunk_bounds
+    from megatron_edit.wire_codecs import decode, encode
+
+    def roundtrip(x):
+        return decode(encode(x, "fp4-e3m0", 128), "fp4-e3m0", 128)
+
+    argv = TINY_MODEL + ["--global-batch-size", "8", "--train-iters", "3", "--lr", "1e-2",
+                         "--local-sgd", "edit", "--local-sgd-workers", "2", "--local-sgd-sync-interval", "2",
+                         "--local-sgd-warmup-iters", "1", "--outer-grad-dtype", "fp4-e3m0", "--outer-optimizer",
+                         "average", "--pseudo-grad-weighting", "uniform", "--pseudo-grad-anomaly-threshold", "0",
+                         "--pseudo-grad-clip", "1e30", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                         "--overlap-param-gather", "--ddp-bucket-size", "100000000"]
+    results = run_training(argv, 2, keep_snapshots=True)
+    assert all(r["sync_units"] == 1 for r in results)
+    anchor = torch.cat([t.reshape(-1) for t in results[0]["snapshots"][0]])  # end of the synchronous warmup
+    thetas = [torch.cat([t.reshape(-1) for t in r["snapshots"][2]]) for r in results]  # before the sync at 3
+    contributions = [torch.sub(anchor, theta).mul_(0.5) for theta in thetas]
+    total = roundtrip(contributions[0]).clone()
+    total += roundtrip(contributions[1])
+    reduced = torch.cat([roundtrip(total[a:b]) for a, b in chunk_bounds(total.numel(), 2, "fp4-e3m0", 128)])
+    expected = anchor - reduced
+    assert not torch.equal(reduced, contributions[0] + contributions[1])  # the wire did quantize
+    for r in results:
+        assert torch.equal(torch.cat([t.reshape(-1) for t in r["final_shards"]]), expected)
 
 
 def test_fp4_edit_layerwise_trains_and_counts_bytes():

@@ -60,6 +60,7 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
     from megatron_edit.training.pretrain_gpt import build_trainer, shutdown
 
     trainer = build_trainer(argv)
+    initial_digest = main_shard_digest(trainer)  # after a --load: what the run continues from
     digests, step_times = [], []
     last = [time.perf_counter()]
 
@@ -87,6 +88,9 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
     local_sgd = trainer.local_sgd
     result = dict(
         losses=history, validation=trainer.validation_history, digests=digests, step_times=step_times,
+        initial_digest=initial_digest,
+        final_shards=[s.main.detach().float().clone() for s in local_sgd.shards] if keep_snapshots else [],
+        exposed_comm_seconds=local_sgd.exposed_comm_seconds if local_sgd else 0.0,
         wall_time=wall, params=params, worker=topo.worker_index, tp=ps.get_tensor_model_parallel_rank(),
         pp=ps.get_pipeline_model_parallel_rank(), intra=topo.intra_dp_group.rank(),
         last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
