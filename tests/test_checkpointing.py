@@ -19,7 +19,7 @@ from megatron_edit.checkpoint import files
 from megatron_edit.training.launch import _free_port, redirect_fds, run_processes
 from mp_harness import TINY_MODEL, losses, run_training
 
-BASE = TINY_MODEL + ["--global-batch-size", "8", "--lr", "1e-2"]
+BASE = TINY_MODEL + ["--global-batch-size", "8", "--lr", "1e-2", "--train-iters", "10"]  # runs may override
 DIST_OPT = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
             "--ddp-bucket-size", "4000"]
 METHODS = {
