@@ -168,7 +168,10 @@ class LocalSGD:
         self._corrupt_gen = torch.Generator().manual_seed(seed + 7919)
         self._sync_iteration = 0
         self._sync_iteration_of_next_forward: Optional[int] = None
-        self.exposed_comm_seconds = 0.0  # time spent waiting for cross-worker collectives (not overlapped)
+        # Host time on the critical path in cross-worker reductions (advance / wait: blocked on the network
+        # plus a quantized wire's decode/sum/encode, which a GPU would queue), and the network part alone.
+        self.exposed_comm_seconds = 0.0
+        self.waited_network_seconds = 0.0
         self._staging = OuterStateStaging(self.device) if cfg.offload_outer_state else None
         self.async_ctl = None
         if cfg.method == "a-edit":
@@ -255,9 +258,8 @@ class LocalSGD:
             return
         self._sync_iteration_of_next_forward = None
         for unit in self.units:
-            if unit.launched and not unit.advanced and unit.handle is not None and unit.advance_at == iteration:
-                self._timed(unit.handle.advance)
-                unit.advanced = True
+            if unit.advance_at == iteration:
+                self._advance_unit(self.units.index(unit))
 
     def _announce_layerwise_units(self) -> None:
         """` local-sgd layer-wise | pipeline stage P | units: N |` from the first rank of each stage."""
@@ -532,10 +534,15 @@ class LocalSGD:
         finally:
             self.exposed_comm_seconds += time.perf_counter() - start
 
+    def _collect_waits(self, handle) -> None:
+        self.waited_network_seconds += getattr(handle, "waited_seconds", 0.0)
+        handle.waited_seconds = 0.0
+
     def _advance_unit(self, index: int) -> None:
         unit = self.units[index]
         if unit.launched and not unit.advanced and unit.handle is not None:
             self._timed(unit.handle.advance)
+            self._collect_waits(unit.handle)
             unit.advanced = True
 
     def _rounding_generator(self, index: int) -> Optional[torch.Generator]:
@@ -553,6 +560,7 @@ class LocalSGD:
         unit = self.units[index]
         if unit.handle is not None:
             unit.combined = self._timed(unit.handle.wait)
+            self._collect_waits(unit.handle)
             unit.handle = None
 
     def _prefetch_after(self, index: int) -> None:
@@ -666,6 +674,7 @@ class LocalSGD:
             self._fill_contribution(unit, piece, lo)
             handle = self._launch(index, piece, lo)
             reduced = self._timed(handle.wait)
+            self._collect_waits(handle)
             self._store_in_main(unit, reduced, lo)
         del buffer
         unit.combined = None

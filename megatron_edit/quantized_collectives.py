@@ -52,6 +52,7 @@ and ``launch`` at the same (deterministic) point on all ranks, never based on po
 from __future__ import annotations
 
 import math
+import time
 from typing import Protocol
 
 import torch
@@ -248,7 +249,19 @@ def _all_gather_into(output: torch.Tensor, input: torch.Tensor, group: ProcessGr
     return gather(output, input, group=group, async_op=async_op)
 
 
-class _Done:
+class _Waits:
+    """``waited_seconds``: time blocked in the collectives themselves (the network), as opposed to the
+    codec work done in ``advance`` / ``wait`` (on a GPU: kernels queued on the stream, not host time)."""
+
+    waited_seconds = 0.0
+
+    def _wait_work(self) -> None:
+        start = time.perf_counter()
+        self.work.wait()
+        self.waited_seconds += time.perf_counter() - start
+
+
+class _Done(_Waits):
     """No communication (one rank, or an empty vector)."""
 
     def __init__(self, result: torch.Tensor, nonfinite: torch.Tensor) -> None:
@@ -261,7 +274,7 @@ class _Done:
         return self.result
 
 
-class _PlainAllReduce:
+class _PlainAllReduce(_Waits):
     """fp32: ``all_reduce`` SUM of the contribution, then division by ``divisor``."""
 
     def __init__(
@@ -281,14 +294,14 @@ class _PlainAllReduce:
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
-            self.work.wait()
+            self._wait_work()
             self.work = None
             if not (isinstance(self.divisor, (int, float)) and self.divisor == 1):
                 self.buffer.div_(self.divisor)
         return self.buffer
 
 
-class _AllGather:
+class _AllGather(_Waits):
     """All-gather of every rank's encoded vector, fp32 sum of the decoded vectors in rank order."""
 
     def __init__(
@@ -318,7 +331,7 @@ class _AllGather:
 
     def wait(self) -> torch.Tensor:
         if self.result is None:
-            self.work.wait()
+            self._wait_work()
             for index, message in enumerate(self.received.split(self.message_bytes)):  # fp32 sum in rank order
                 _decode_into(self.out, message, self.fmt, self.block_size, accumulate=index > 0)
             _divide_(self.out, self.divisor)
@@ -326,7 +339,7 @@ class _AllGather:
         return self.result
 
 
-class _ReduceScatterAllGather:
+class _ReduceScatterAllGather(_Waits):
     """Phase 1 all-to-all of quantized chunks + fp32 sum; phase 2 all-to-all of the requantized sums."""
 
     def __init__(
@@ -360,7 +373,7 @@ class _ReduceScatterAllGather:
     def advance(self) -> None:
         if self.phase != 1:
             return
-        self.work.wait()
+        self._wait_work()
         start, end = self.bounds[self.rank]
         own = self.sizes[self.rank]
         reduced = self.out[start:end]  # this rank's own contribution is already encoded and sent
@@ -379,7 +392,7 @@ class _ReduceScatterAllGather:
     def wait(self) -> torch.Tensor:
         if self.result is None:
             self.advance()
-            self.work.wait()
+            self._wait_work()
             for message, (start, end) in zip(self.received.split(self.sizes), self.bounds):
                 _decode_into(self.out[start:end], message, self.fmt, self.block_size, accumulate=False)
             self.result, self.received = self.out, None
