@@ -96,7 +96,7 @@ class SyncReport:
                 "local-sgd/sync-time-ms": self.sync_ms}
 
 
-@dataclass
+@dataclass(eq=False)  # identity: units hold tensors
 class _Unit:
     """Shards whose outer update is applied together (one DDP bucket group in layer-wise mode)."""
 
@@ -257,9 +257,9 @@ class LocalSGD:
         if iteration is None:
             return
         self._sync_iteration_of_next_forward = None
-        for unit in self.units:
+        for index, unit in enumerate(self.units):
             if unit.advance_at == iteration:
-                self._advance_unit(self.units.index(unit))
+                self._advance_unit(index)
 
     def _announce_layerwise_units(self) -> None:
         """` local-sgd layer-wise | pipeline stage P | units: N |` from the first rank of each stage."""

@@ -108,6 +108,14 @@ def test_fp4_layerwise_edit_equals_a_reference_sync():
     for r in results:
         assert torch.equal(torch.cat([t.reshape(-1) for t in r["final_shards"]]), expected)
 
+    # --outer-grad-stochastic-rounding reaches the wire: other values than round-to-nearest, the same on
+    # every rank (one all-gathered result), and no further from the exact sum than one E3M0 step (x2).
+    rounded = run_training(argv + ["--outer-grad-stochastic-rounding"], 2, keep_snapshots=True)
+    got = [torch.cat([t.reshape(-1) for t in r["final_shards"]]) for r in rounded]
+    assert torch.equal(got[0], got[1]) and not torch.equal(got[0], expected)
+    exact = contributions[0] + contributions[1]
+    assert ((anchor - got[0]) - exact).abs().max() <= 2 * exact.abs().max()
+
 
 def test_fp4_edit_layerwise_trains_and_counts_bytes():
     """EDiT with a 4-bit wire, layer-wise: it trains; the bytes the log reports (predicted at sync time)
