@@ -20,6 +20,7 @@ from megatron_edit.config import (
     ConfigError,
     LocalSGDConfig,
 )
+from megatron_edit.fault_injection import FAULT_KINDS, FaultSpec, parse_fault_spec
 from megatron_edit.fp8 import fp8_flag_error
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "NullTokenizer")
@@ -53,6 +54,13 @@ def _worker_scale_prob(text: str) -> tuple[int, float, float]:
         raise argparse.ArgumentTypeError(f"expected W:SCALE:PROB, got {text!r}")
 
 
+def _fault_spec(text: str) -> FaultSpec:
+    try:
+        return parse_fault_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
 def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Our flags (SPEC section 3); defaults of None are resolved per method by LocalSGDConfig."""
     g = parser.add_argument_group("local SGD (megatron_edit)")
@@ -71,6 +79,9 @@ def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--pseudo-grad-ewma-alpha", type=float, default=0.02)
     g.add_argument("--pseudo-grad-ewma-warmup", type=int, default=3, help="syncs before anomaly detection")
     g.add_argument("--pseudo-grad-weighting", choices=WEIGHTINGS, default=None)
+    g.add_argument("--pseudo-grad-peer-ratio", type=float, default=0.0, metavar="R",
+                   help="edit/a-edit: a worker whose norm is more than R times above or below the workers' "
+                        "median (same sync, same layer) is anomalous; 0 (default) disables")
     g.add_argument("--pseudo-grad-step-weighted", action="store_true",
                    help="a-edit: weight pseudo-gradients by inner steps since the last sync")
     g.add_argument("--local-sgd-layerwise", dest="local_sgd_layerwise", action="store_true", default=None)
@@ -93,6 +104,9 @@ def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--local-sgd-debug-slow-worker", type=_worker_factor, default=None, metavar="W:FACTOR")
     g.add_argument("--local-sgd-debug-corrupt-worker", type=_worker_scale_prob, default=None,
                    metavar="W:SCALE:PROB")
+    g.add_argument("--local-sgd-debug-fault", type=_fault_spec, default=None, metavar="W:KIND:START[:LENGTH]",
+                   help=f"inject a fault into worker W from iteration START: {', '.join(FAULT_KINDS)} "
+                        "(megatron_edit/fault_injection.py)")
     return parser
 
 

@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_edit.fault_injection import FaultSpec
+
 METHODS = ("diloco", "edit", "a-edit", "streaming")
 PENALTY_METHODS = ("edit", "a-edit")
 OUTER_OPTIMIZERS = ("nesterov", "sgd", "average")
@@ -40,6 +42,7 @@ class LocalSGDConfig:
     ewma_alpha: float = 0.02
     ewma_warmup: int = 3
     weighting: Optional[str] = None  # norm for edit/a-edit, uniform otherwise
+    peer_ratio: float = 0.0  # R of the two-sided cross-worker anomaly test (pseudo_grad_penalty.peer_outliers)
     step_weighted: bool = False  # a-edit: weight pseudo-gradients by inner steps since the last sync
     layerwise: Optional[bool] = None  # on for edit/a-edit
     offload_outer_state: bool = False
@@ -55,6 +58,7 @@ class LocalSGDConfig:
     sync_check_interval: Optional[int] = None  # a-edit: steps between "time elapsed?" votes; None: derived
     debug_slow_worker: Optional[tuple[int, float]] = None
     debug_corrupt_worker: Optional[tuple[int, float, float]] = None
+    debug_fault: Optional[FaultSpec] = None  # fault_injection.py: W:KIND:START[:LENGTH]
     explicit: frozenset = field(default_factory=frozenset, repr=False)  # fields the user set on the CLI
 
     def __post_init__(self) -> None:
@@ -62,7 +66,7 @@ class LocalSGDConfig:
         _check_choice("outer_optimizer", self.outer_optimizer, OUTER_OPTIMIZERS)
         _check_choice("streaming_pattern", self.streaming_pattern, STREAMING_PATTERNS)
         has_penalty = self.method in PENALTY_METHODS
-        for name in ("pseudo_grad_clip", "anomaly_threshold", "weighting"):
+        for name in ("pseudo_grad_clip", "anomaly_threshold", "weighting", "peer_ratio"):
             if name in self.explicit and not has_penalty:
                 raise ConfigError(
                     f"{flag(name)} needs a method with a pseudo-gradient penalty "
@@ -101,6 +105,9 @@ class LocalSGDConfig:
             raise ConfigError(f"{flag('pseudo_grad_clip')} {self.pseudo_grad_clip} must be > 0")
         if not self.anomaly_threshold >= 0:  # also rejects NaN
             raise ConfigError(f"{flag('anomaly_threshold')} {self.anomaly_threshold} must be >= 0 (0 disables)")
+        if not (self.peer_ratio == 0 or self.peer_ratio > 1) or self.peer_ratio != self.peer_ratio \
+                or self.peer_ratio == float("inf"):
+            raise ConfigError(f"{flag('peer_ratio')} {self.peer_ratio} must be > 1 (0 disables)")
         if not 0 < self.ewma_alpha <= 1:
             raise ConfigError(f"{flag('ewma_alpha')} {self.ewma_alpha} must be in (0, 1]")
         if self.ewma_warmup < 0:
@@ -151,10 +158,11 @@ class LocalSGDConfig:
             raise ConfigError(
                 f"{flag('workers')} {workers} does not divide the data-parallel size {data_parallel_size}"
             )
-        for rank_field in ("debug_slow_worker", "debug_corrupt_worker"):
+        for rank_field in ("debug_slow_worker", "debug_corrupt_worker", "debug_fault"):
             value = getattr(self, rank_field)
-            if value is not None and not 0 <= value[0] < workers:
-                raise ConfigError(f"{flag(rank_field)} worker {value[0]} is not in [0, {workers})")
+            worker = value.worker if isinstance(value, FaultSpec) else value[0] if value is not None else None
+            if worker is not None and not 0 <= worker < workers:
+                raise ConfigError(f"{flag(rank_field)} worker {worker} is not in [0, {workers})")
         if self.method == "streaming" and self.streaming_fragments is not None:
             if self.streaming_fragments > num_layers:
                 raise ConfigError(
@@ -200,6 +208,7 @@ FLAG_OF = {
     "ewma_alpha": "pseudo-grad-ewma-alpha",
     "ewma_warmup": "pseudo-grad-ewma-warmup",
     "weighting": "pseudo-grad-weighting",
+    "peer_ratio": "pseudo-grad-peer-ratio",
     "step_weighted": "pseudo-grad-step-weighted",
     "layerwise": "local-sgd-layerwise",
     "offload_outer_state": "local-sgd-offload-outer-state",
@@ -215,6 +224,7 @@ FLAG_OF = {
     "sync_check_interval": "local-sgd-sync-check-interval",
     "debug_slow_worker": "local-sgd-debug-slow-worker",
     "debug_corrupt_worker": "local-sgd-debug-corrupt-worker",
+    "debug_fault": "local-sgd-debug-fault",
 }
 _DEST_TO_FIELD = {f.replace("-", "_"): name for name, f in FLAG_OF.items() if name != "method"}
 

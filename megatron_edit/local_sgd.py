@@ -34,6 +34,7 @@ import torch.distributed as dist
 from megatron_edit import mcore_adapter
 from megatron_edit.async_trigger import AsyncSyncController
 from megatron_edit.config import LocalSGDConfig
+from megatron_edit.fault_injection import FaultInjector, model_vocab_size
 from megatron_edit.fp8 import write_back_model_params
 from megatron_edit.outer_optimizer import needs_outer_momentum, outer_step
 from megatron_edit.outer_state import (
@@ -147,6 +148,7 @@ class LocalSGD:
             self.penalty_cfg = PenaltyConfig(
                 anomaly_threshold=cfg.anomaly_threshold, ewma_alpha=cfg.ewma_alpha,
                 ewma_warmup=max(1, cfg.ewma_warmup), weighting=cfg.weighting, clip=cfg.pseudo_grad_clip,
+                peer_ratio=cfg.peer_ratio,
             )
         self.stats = init_stats(self.L, self.device)
         self.bytes_sent_total = 0  # predicted at each sync (what the log line reports)
@@ -166,6 +168,13 @@ class LocalSGD:
         self._skip: Optional[torch.Tensor] = None
         self._clip_enabled = self.penalty_cfg is not None and self.penalty_cfg.clip is not None
         self._corrupt_gen = torch.Generator().manual_seed(seed + 7919)
+        self.faults = None
+        if cfg.debug_fault is not None:
+            self.faults = FaultInjector(
+                cfg.debug_fault, topology.worker_index, model_chunks, model_vocab_size(model_chunks[0]), seed,
+                topology.data_parallel_rank,
+                first_shard_rank=(topology.intra_dp_group is None or topology.intra_dp_group.rank() == 0)
+                and ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0)
         self._sync_iteration = 0
         self._sync_iteration_of_next_forward: Optional[int] = None
         # Host time on the critical path in cross-worker reductions (advance / wait: blocked on the network
@@ -289,12 +298,22 @@ class LocalSGD:
         cfg = self.cfg
         if cfg.debug_corrupt_worker is not None:
             self._maybe_corrupt(iteration)
+        if self.faults is not None:
+            self.faults.before_optimizer_step(iteration, [
+                grad for chunk in self.model
+                for grad in mcore_adapter.grad_shards_for_sync(chunk, self.distributed_optimizer)])
         if is_warmup(iteration, cfg.warmup_iters):
             for chunk in self.model:
                 for grad in mcore_adapter.grad_shards_for_sync(chunk, self.distributed_optimizer):
                     all_reduce_mean_(grad, self.topo.inter_worker_group)
 
     def after_optimizer_step(self, iteration: int) -> Optional[SyncReport]:
+        report = self._after_optimizer_step(iteration)
+        if self.faults is not None:  # after the sync: a fault between syncs
+            self.faults.after_optimizer_step(iteration, [s.main for s in self.shards])
+        return report
+
+    def _after_optimizer_step(self, iteration: int) -> Optional[SyncReport]:
         cfg = self.cfg
         if is_anchor_iteration(iteration, cfg.warmup_iters):
             init_outer_state(self.shards, self.with_momentum, cfg.offload_outer_state)

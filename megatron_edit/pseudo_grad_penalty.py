@@ -9,6 +9,8 @@ Per sync and per layer (a transformer layer, the embedding, or the output layer 
    counted in the denominator, and their G never enters the statistics (the original EDiT code fed a
    +1e6 sentinel into its statistics; SPEC 8). If every worker is anomalous the layer skips its outer
    step (``skip``).
+   Optionally (``peer_ratio`` R > 0, ``--pseudo-grad-peer-ratio``) the test is also two-sided and made
+   against the other workers at the same sync: see :func:`peer_outliers`.
 2. Weighted averaging: ``softmax(-G_w / T)`` over the non-anomalous workers (smaller norm, larger
    weight), or uniform weights. Optionally (A-EDiT, SPEC 2.3) multiplied by the number of inner steps
    each worker took since the last sync, then renormalised.
@@ -61,6 +63,8 @@ class PenaltyConfig:
             non-anomalous workers of the layer (see :func:`penalty_weights`).
         clip: ``phi``, bound on the norm of the combined pseudo-gradient (``--pseudo-grad-clip``); None
             disables.
+        peer_ratio: R of the cross-worker test (``--pseudo-grad-peer-ratio``, :func:`peer_outliers`); 0
+            disables it (the paper has only the one-sided test against the history).
     """
 
     anomaly_threshold: float = 3.0
@@ -69,6 +73,7 @@ class PenaltyConfig:
     weighting: str = "norm"
     temperature: float = 1.0
     clip: float | None = 10.0
+    peer_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.anomaly_threshold) and self.anomaly_threshold >= 0.0):
@@ -87,6 +92,10 @@ class PenaltyConfig:
             )
         if not (math.isfinite(self.temperature) and self.temperature > 0.0):
             raise ValueError(f"PenaltyConfig.temperature {self.temperature} must be > 0")
+        if not (math.isfinite(self.peer_ratio) and (self.peer_ratio == 0.0 or self.peer_ratio > 1.0)):
+            raise ValueError(
+                f"PenaltyConfig.peer_ratio (--pseudo-grad-peer-ratio) {self.peer_ratio} must be > 1 (0 disables)"
+            )
         if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0.0):
             raise ValueError(f"PenaltyConfig.clip (--pseudo-grad-clip) {self.clip} must be > 0 (None disables)")
 
@@ -172,8 +181,9 @@ def penalty_weights(
     Anomaly rule: ``G`` NaN/Inf is anomalous always. Once ``stats.count[l] >= cfg.ewma_warmup`` and
     ``cfg.anomaly_threshold > 0``, worker w is anomalous if ``G - mean > threshold * std`` with
     ``std = max(sqrt(var_debiased), STD_RELATIVE_FLOOR * |mean|, tiny)`` (see PenaltyStats.var_weight):
-    a one-sided z-test against the
-    statistics of past syncs (this sync's norms do not affect its own test).
+    a one-sided z-test against the statistics of past syncs (this sync's norms do not affect its own
+    test). With ``cfg.peer_ratio > 0`` also :func:`peer_outliers` (two-sided, against the other workers;
+    its two-worker case uses the z-test in both directions).
 
     Temperature (scale-aware): ``weights = softmax(-G / T)`` with ``T = cfg.temperature * mean(G)``, the
     mean over the layer's non-anomalous workers, i.e. ``softmax(-(G / mean(G)) / temperature)``.
@@ -208,6 +218,11 @@ def penalty_weights(
         # NaN compares False, Inf is already anomalous; the comparison avoids dividing by std.
         outlier = (norms - stats.mean) > cfg.anomaly_threshold * std  # [W, L]
         anomalous = anomalous | (outlier & past_warmup)
+        below_history = ((stats.mean - norms) > cfg.anomaly_threshold * std) & past_warmup
+    else:
+        outlier = below_history = torch.zeros_like(anomalous)
+    if cfg.peer_ratio > 0.0:
+        anomalous = anomalous | peer_outliers(norms, cfg.peer_ratio, outlier, below_history)
     ok = ~anomalous
     num_ok = ok.sum(dim=0)  # [L], int64
     skip = num_ok == 0
@@ -235,6 +250,43 @@ def penalty_weights(
 
     new_stats = _update_stats(safe_norms, ok, stats, cfg.ewma_alpha)
     return weights, skip, anomalous, new_stats
+
+
+def peer_outliers(norms: Tensor, ratio: float, above_history: Tensor, below_history: Tensor) -> Tensor:
+    """bool [W, L]: workers whose norm is an outlier against the workers' median at the same sync.
+
+    Why: the paper's test is one-sided and against the layer's own history, so it misses the failure
+    seen most in practice (tools/bench_convergence.py): after a burst of gradient noise a worker's Adam
+    second moments blow up and it is nearly frozen, i.e. its pseudo-gradient norm is far *below* the
+    others'; and softmax(-G/T) then gives that worker the largest weight. A healthy worker's norm is
+    within a few percent of its peers' (same model, same data distribution, same number of steps), so
+    a factor R between a worker and the median is a fault whichever way it points, and needs no history
+    (it works from the first sync and follows schedule-driven drifts that all workers share).
+
+    Rule, per layer, with ``m`` the median of the n finite norms (the mean of the two middle ones for an
+    even n, so that two groups of equal size do not make either side the reference):
+    - n >= 3: w is an outlier if ``G_w > R m`` or ``G_w < m / R`` (robust while fewer than half of the
+      workers are faulty in the same direction);
+    - n == 2: the median cannot say which of two is wrong: w is an outlier only if the history agrees,
+      i.e. ``G_w > R m`` and ``above_history``, or ``G_w < m / R`` and ``below_history`` (the z-test of
+      :func:`penalty_weights` in that direction). ``m`` is then the pair's mean: a worker is flagged low
+      below ``1 / (2R - 1)`` of the other one, high above ``2R - 1`` times it (R > 1 never flags both);
+    - n < 2: never.
+    Non-finite norms are handled by the caller (always anomalous). No host synchronisation.
+    """
+    num_workers = norms.shape[0]
+    finite = torch.isfinite(norms)
+    n = finite.sum(dim=0)  # [L]
+    ordered = torch.where(finite, norms, torch.full_like(norms, math.inf)).sort(dim=0).values
+    lower = ((n - 1).clamp_min(0) // 2).unsqueeze(0)
+    upper = (n // 2).clamp(max=num_workers - 1).unsqueeze(0)
+    median = (ordered.gather(0, lower) + ordered.gather(0, upper)).squeeze(0) / 2.0  # [L]
+    high = norms > ratio * median
+    low = norms * ratio < median
+    decisive = (n >= 3).unsqueeze(0)
+    return finite & (n >= 2).unsqueeze(0) & (
+        (decisive & (high | low)) | (high & above_history) | (low & below_history)
+    )
 
 
 def _update_stats(norms: Tensor, ok: Tensor, stats: PenaltyStats, alpha: float) -> PenaltyStats:

@@ -205,7 +205,7 @@ def test_sync_interval_zero():
 
 
 @pytest.mark.parametrize("flag,value", [("--pseudo-grad-clip", "5"), ("--pseudo-grad-anomaly-threshold", "2"),
-                                        ("--pseudo-grad-weighting", "norm")])
+                                        ("--pseudo-grad-weighting", "norm"), ("--pseudo-grad-peer-ratio", "4")])
 @pytest.mark.parametrize("method", ["diloco", "streaming"])
 def test_penalty_flags_need_edit(method, flag, value):
     fails(LSGD + ["--local-sgd", method, flag, value], 4, flag, f"--local-sgd {method}", "edit")
@@ -248,6 +248,19 @@ def test_stochastic_rounding_needs_a_quantized_wire():
     _, cfg = ok(LSGD + ["--local-sgd", "streaming", "--outer-grad-stochastic-rounding"])  # fp4 by default
     assert cfg.outer_grad_stochastic_rounding is True
     fails(LSGD + ["--outer-grad-stochastic-rounding"], 4, "--outer-grad-stochastic-rounding needs --local-sgd")
+
+
+@pytest.mark.parametrize("value", ["1", "0.5", "-2", "nan", "inf"])
+def test_peer_ratio_above_one_or_zero(value):
+    fails(LSGD + ["--local-sgd", "edit", "--pseudo-grad-peer-ratio", value], 4,
+          "--pseudo-grad-peer-ratio", "> 1 (0 disables)")
+
+
+def test_peer_ratio_reaches_the_penalty():
+    _, cfg = ok(LSGD + ["--local-sgd", "edit"])
+    assert cfg.peer_ratio == 0.0
+    _, cfg = ok(LSGD + ["--local-sgd", "a-edit", "--pseudo-grad-peer-ratio", "4"])
+    assert cfg.peer_ratio == 4.0
 
 
 def test_sync_check_interval_is_for_a_edit_and_positive():

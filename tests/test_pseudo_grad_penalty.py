@@ -12,6 +12,7 @@ from megatron_edit.pseudo_grad_penalty import (
     PenaltyStats,
     clip_coefficient,
     init_stats,
+    peer_outliers,
     penalty_weights,
     weighted_sum_contribution,
 )
@@ -321,6 +322,88 @@ def test_clip_coefficient():
     assert clip_coefficient(norms, None).tolist() == [1.0] * 6
 
 
+# --------------------------------------------------------------------------------------------------
+# The cross-worker test (--pseudo-grad-peer-ratio).
+
+PEER = PenaltyConfig(weighting="uniform", anomaly_threshold=3.0, ewma_warmup=3, peer_ratio=4.0)
+
+
+def test_peer_test_flags_a_frozen_and_an_exploding_worker_from_the_first_sync():
+    """4 workers, no history yet (the z-test is still warming up): layer 0 has a frozen worker (1/10 of
+    the others), layer 1 an exploding one (6x); healthy norms spread by +-3%. Only the two faulty
+    workers are flagged and the others are averaged uniformly, as DiLoCo would."""
+    norms = torch.tensor([[1.00, 2.00], [0.10, 2.06], [1.03, 12.0], [0.97, 1.94]])
+    weights, skip, anomalous, new_stats = penalty_weights(norms, init_stats(2), PEER)
+    assert anomalous.tolist() == [[False, False], [True, False], [False, True], [False, False]]
+    torch.testing.assert_close(weights[:, 0], torch.tensor([1 / 3, 0.0, 1 / 3, 1 / 3]), rtol=1e-7, atol=0)
+    torch.testing.assert_close(weights[:, 1], torch.tensor([1 / 3, 1 / 3, 0.0, 1 / 3]), rtol=1e-7, atol=0)
+    assert skip.tolist() == [False, False]
+    # the flagged norms do not enter the statistics
+    torch.testing.assert_close(new_stats.mean[0], torch.tensor(1.0 + 0.02 * 0.03 + 0.02 * (0.97 - 1.0006)),
+                               rtol=1e-5, atol=0)
+    # without the peer test (the paper's rule) nobody is flagged before the warmup
+    _, _, paper, _ = penalty_weights(norms, init_stats(2), PenaltyConfig(weighting="uniform", ewma_warmup=3))
+    assert not paper.any()
+
+
+def test_peer_test_leaves_healthy_spread_and_a_shared_drift_alone():
+    """Healthy workers within 2x of each other are never flagged (R = 4), and a drift that all workers
+    share (here every norm at 1/10 of the history's mean) is not a fault either: the peer test does
+    not look at the history with three or more workers, and the one-sided z-test only looks up."""
+    norms = torch.tensor([[1.0], [0.6], [1.3], [1.9]])
+    _, _, anomalous, _ = penalty_weights(norms, init_stats(1), PEER)
+    assert not anomalous.any()
+    history = _stats([10.0], [0.01], [50])
+    _, skip, anomalous, _ = penalty_weights(norms, history, PEER)
+    assert not anomalous.any() and skip.tolist() == [False]
+
+
+def test_peer_test_with_two_workers_needs_the_history_to_agree():
+    """Two workers: the pair cannot say which one is wrong. Before the warmup nobody is flagged; after
+    it, the one that also left the history's band (in the same direction) is."""
+    low = torch.tensor([[1.0], [0.1]])  # worker 1 below 1 / (2R - 1) = 1/7 of worker 0
+    high = torch.tensor([[1.0], [8.0]])  # worker 1 above 2R - 1 = 7 times worker 0
+    for norms in (low, high):
+        _, _, anomalous, _ = penalty_weights(norms, init_stats(1), PEER)
+        assert not anomalous.any()
+    history = _stats([1.0], [0.0025], [10])  # std 0.1 (floor): band 0.7 .. 1.3
+    _, _, anomalous, _ = penalty_weights(low, history, PEER)
+    assert anomalous[:, 0].tolist() == [False, True]
+    _, _, anomalous, _ = penalty_weights(high, history, PEER)
+    assert anomalous[:, 0].tolist() == [False, True]  # (the z-test alone flags 8.0 too)
+    # the low one is flagged by neither test alone: not by the one-sided z-test ...
+    _, _, anomalous, _ = penalty_weights(low, history, PenaltyConfig(weighting="uniform", ewma_warmup=3))
+    assert not anomalous.any()
+    # ... and not by the peers when the history has both inside its band (no direction agrees)
+    _, _, anomalous, _ = penalty_weights(low, _stats([0.5], [1.0], [10]), PEER)
+    assert not anomalous.any()
+
+
+def test_peer_median_with_half_of_the_workers_frozen():
+    """2 of 4 frozen: the median is the mean of the two middle norms, so the healthy pair is not made
+    the outlier (a lower median would be a frozen norm, and 1.0 > 4 x 0.05 would flag the healthy)."""
+    norms = torch.tensor([[1.0], [0.05], [0.04], [1.02]])
+    anomalous = peer_outliers(norms, 4.0, torch.zeros(4, 1, dtype=torch.bool), torch.zeros(4, 1, dtype=torch.bool))
+    assert anomalous[:, 0].tolist() == [False, True, True, False]
+
+
+def test_peer_test_ignores_nonfinite_peers_and_zero_ratio_is_the_paper():
+    """NaN/Inf norms are anomalous (the caller's rule) and stay out of the median; peer_ratio 0 gives
+    exactly the paper's weights."""
+    norms = torch.tensor([[1.0], [NAN], [INF], [0.1], [1.05]])
+    _, _, anomalous, _ = penalty_weights(norms, init_stats(1), PEER)
+    assert anomalous[:, 0].tolist() == [False, True, True, True, False]
+    torch.manual_seed(0)
+    norms = torch.rand(5, 7) * torch.tensor([1.0, 1.0, 20.0, 1.0, 0.01]).unsqueeze(1)
+    stats = _stats([0.5] * 7, [0.01] * 7, [4] * 7)
+    paper = penalty_weights(norms, stats, PenaltyConfig())
+    zero = penalty_weights(norms, stats, PenaltyConfig(peer_ratio=0.0))
+    for a, b in zip(paper[:3], zero[:3]):
+        assert torch.equal(a, b)
+    with_peers = penalty_weights(norms, stats, PenaltyConfig(peer_ratio=4.0))
+    assert with_peers[2][4].any()  # the worker at 1/100 is flagged somewhere
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="ewma_alpha"):
         PenaltyConfig(ewma_alpha=0.0)
@@ -335,6 +418,9 @@ def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="ewma_warmup"):
         PenaltyConfig(ewma_warmup=0)
     assert PenaltyConfig(clip=None).clip is None
+    for bad in (1.0, 0.5, -1.0, INF, NAN):
+        with pytest.raises(ValueError, match="peer_ratio"):
+            PenaltyConfig(peer_ratio=bad)
 
 
 def test_stats_state_dict_roundtrip():

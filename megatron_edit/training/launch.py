@@ -64,12 +64,14 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
     digests, step_times = [], []
     last = [time.perf_counter()]
 
-    snapshots, sync_events = [], []
+    snapshots, sync_events, sync_anomalous = [], [], []
 
     def on_step(t) -> None:
         now = time.perf_counter()
         step_times.append((t.iteration, now - last[0], t.last_sync_report is not None))
         sync_events.append(t.last_sync_report.bytes_sent if t.last_sync_report is not None else 0)
+        if t.last_sync_report is not None:
+            sync_anomalous.append((t.iteration, list(t.last_sync_report.anomalous)))
         digests.append(main_shard_digest(t))
         if keep_snapshots:
             snapshots.append([s.main.detach().float().clone() for s in t.local_sgd.shards])
@@ -100,6 +102,8 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
         sync_bytes_measured=local_sgd.bytes_sent_measured if local_sgd else 0,
         snapshots=snapshots,
         sync_event_bytes=sync_events,
+        sync_anomalous=sync_anomalous,
+        faults_injected=local_sgd.faults.injected if local_sgd is not None and local_sgd.faults is not None else 0,
         shard_keys=[s.key for s in local_sgd.shards] if local_sgd else [],
         sync_units=len(local_sgd.units) if local_sgd else 0,
         fragment_of_key=local_sgd._fragment_of_key() if local_sgd is not None and local_sgd.streaming else None,

@@ -138,6 +138,8 @@ class Trainer:
             from megatron_edit.checkpoint.save_load import load_checkpoint
 
             self.last_saved_iteration = load_checkpoint(self)
+            if self.local_sgd is not None and self.local_sgd.faults is not None:
+                self.local_sgd.faults.start_iteration(self.iteration)
         self.tensorboard = TensorBoard(args.tensorboard_dir if dist.get_rank() == dist.get_world_size() - 1 else None)
         print_rank_0(
             f" > megatron_edit: world {dist.get_world_size()} = TP {args.tensor_model_parallel_size} x PP "

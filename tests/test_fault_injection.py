@@ -1,0 +1,149 @@
+"""--local-sgd-debug-fault: the faults happen where, when and how megatron_edit/fault_injection.py says."""
+import pytest
+import torch
+
+from megatron_edit.arguments import FlagError, parse_and_validate
+from megatron_edit.fault_injection import (
+    FLIPPED_BIT,
+    SPIKE_FACTOR,
+    FaultInjector,
+    FaultSpec,
+    corrupt_tokens,
+    flip_bit_,
+    parse_fault_spec,
+)
+from mp_harness import TINY_MODEL, run_training
+
+
+class _GPTLike(torch.nn.Module):
+    """GPTModel's calling convention: (input_ids, position_ids, attention_mask, decoder_input, labels)."""
+
+    vocab_size = 50
+
+    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None):
+        self.seen = (input_ids, labels)
+        return input_ids
+
+
+def _call(model, tokens, labels):
+    model(tokens, None, None, labels=labels)
+    return model.seen
+
+
+def _injector(kind, worker=1, start=3, length=2, worker_index=1, data_parallel_rank=0):
+    model = _GPTLike()
+    spec = FaultSpec(worker, kind, start, length)
+    return FaultInjector(spec, worker_index, [model], model.vocab_size, 1234, data_parallel_rank, True), model
+
+
+def test_parse_fault_spec():
+    assert parse_fault_spec("1:random-tokens:10:5") == FaultSpec(1, "random-tokens", 10, 5)
+    assert parse_fault_spec("0:bit-flip:7") == FaultSpec(0, "bit-flip", 7, 1)
+    for bad, text in [("1:random-tokens", "W:KIND:START"), ("1:nan-tokens:3", "not one of"),
+                      ("x:loss-spike:3", "integer"), ("1:loss-spike:0", ">= 1"), ("1:bit-flip:3:2", "once")]:
+        with pytest.raises(ValueError, match=text):
+            parse_fault_spec(bad)
+
+
+def test_fault_flag_is_validated_in_one_line():
+    base = TINY_MODEL + ["--global-batch-size", "8", "--train-iters", "4", "--lr", "1e-3"]
+    with pytest.raises(FlagError, match="--local-sgd-debug-fault.*not one of"):
+        parse_and_validate(base + ["--local-sgd", "edit", "--local-sgd-debug-fault", "1:nan:3"], world_size=2)
+    with pytest.raises(FlagError, match=r"--local-sgd-debug-fault worker 2 is not in \[0, 2\)"):
+        parse_and_validate(base + ["--local-sgd", "edit", "--local-sgd-debug-fault", "2:loss-spike:3"], world_size=2)
+    with pytest.raises(FlagError, match="--local-sgd-debug-fault needs --local-sgd"):
+        parse_and_validate(base + ["--local-sgd-debug-fault", "1:loss-spike:3"], world_size=2)
+    _, cfg = parse_and_validate(base + ["--local-sgd", "diloco", "--local-sgd-debug-fault", "1:bit-flip:3"],
+                                world_size=2)
+    assert cfg.debug_fault == FaultSpec(1, "bit-flip", 3, 1)
+
+
+def test_bit_flip_turns_a_weight_huge_and_flipping_again_restores_it():
+    values = torch.tensor([0.02, -1.5, 3.0])
+    original = values.clone()
+    flip_bit_(values, 0)
+    assert FLIPPED_BIT == 30 and values[0].item() > 1e36 and values[1:].tolist() == [-1.5, 3.0]
+    flip_bit_(values, 0)
+    assert torch.equal(values, original)
+
+
+def test_corrupt_tokens_random_and_repeated():
+    tokens = torch.arange(24).view(3, 8)
+    generator = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    random = corrupt_tokens(tokens, "random-tokens", 50, generator())
+    assert random.shape == tokens.shape and random.dtype == tokens.dtype
+    assert not torch.equal(random, tokens) and int(random.max()) < 50
+    assert torch.equal(random, corrupt_tokens(tokens, "random-tokens", 50, generator()))
+    repeated = corrupt_tokens(tokens, "repeated-tokens", 50, generator())
+    assert all(len(set(row.tolist())) == 1 for row in repeated)
+    with pytest.raises(ValueError):
+        corrupt_tokens(tokens, "bit-flip", 50, generator())
+
+
+@pytest.mark.parametrize("kind", ["random-tokens", "repeated-tokens"])
+def test_data_faults_replace_inputs_and_labels_only_when_and_where_due(kind):
+    """Iterations 3 and 4 of worker 1, in training mode; never in eval, never on another worker; the
+    same tokens for the same micro-batch and data-parallel rank (tensor-parallel ranks agree)."""
+    tokens, labels = torch.arange(16).view(2, 8), torch.arange(1, 17).view(2, 8)
+    injector, model = _injector(kind)
+    got = []
+    for iteration in range(1, 6):
+        seen = _call(model, tokens, labels)
+        got.append(not torch.equal(seen[0], tokens) and not torch.equal(seen[1], labels))
+        model.eval()
+        assert torch.equal(_call(model, tokens, labels)[0], tokens)  # evaluation is never corrupted
+        model.train()
+        injector.after_optimizer_step(iteration, [])
+    assert got == [False, False, True, True, False]
+    assert injector.injected == 2
+    if kind == "repeated-tokens":
+        injector.start_iteration(2)  # a resumed run: its first forward is iteration 3
+        seen = _call(model, tokens, labels)
+        assert torch.equal(seen[0], seen[1])  # inputs and labels: the same repeated token per row
+    other, other_model = _injector(kind, worker_index=0)
+    other.start_iteration(2)
+    assert torch.equal(_call(other_model, tokens, labels)[0], tokens)
+    a, model_a = _injector(kind)
+    b, model_b = _injector(kind)
+    a.start_iteration(2), b.start_iteration(2)
+    assert torch.equal(_call(model_a, tokens, labels)[0], _call(model_b, tokens, labels)[0])
+
+
+def test_loss_spike_and_bit_flip_hit_the_worker_once():
+    injector, _ = _injector("loss-spike", start=3, length=1)
+    grads = [torch.ones(4)]
+    for iteration in range(1, 6):
+        injector.before_optimizer_step(iteration, grads)
+    assert grads[0].tolist() == [SPIKE_FACTOR] * 4 and injector.injected == 1
+    injector, _ = _injector("bit-flip", start=3, length=1)
+    shards = [torch.zeros(0), torch.full((3,), 0.02)]
+    for iteration in range(1, 6):
+        injector.after_optimizer_step(iteration, shards)
+    assert shards[1][0].item() > 1e36 and shards[1][1:].tolist() == pytest.approx([0.02, 0.02])
+    not_first = FaultInjector(FaultSpec(1, "bit-flip", 3), 1, [_GPTLike()], 50, 1234, 1, first_shard_rank=False)
+    shards = [torch.full((3,), 0.02)]
+    not_first.after_optimizer_step(3, shards)
+    assert not_first.injected == 0 and shards[0].tolist() == pytest.approx([0.02] * 3)
+
+
+PEER_EDIT = TINY_MODEL + ["--global-batch-size", "16", "--train-iters", "24", "--lr", "3e-3", "--clip-grad", "0",
+                          "--local-sgd", "edit", "--no-local-sgd-layerwise", "--local-sgd-workers", "4",
+                          "--local-sgd-sync-interval", "2", "--pseudo-grad-weighting", "uniform",
+                          "--pseudo-grad-peer-ratio", "4"]
+
+
+def test_loss_spike_freezes_a_worker_and_the_peer_test_leaves_it_out():
+    """One bad batch (gradients x1000) on worker 1 at iteration 3, Adam without clipping: its second
+    moments jump by 1e6; its first moment carries the spike for ~10 steps, then the worker is nearly
+    frozen and its pseudo-gradients collapse. The peer test flags worker 1, and only worker 1, at every
+    sync from iteration 14 on (first the output layer, then all of it); nobody before. (The paper's
+    one-sided test against the history flags nobody in this run: the norm falls, it does not rise.)"""
+    results = run_training(PEER_EDIT + ["--local-sgd-debug-fault", "1:loss-spike:3"], 4)
+    by_worker = {r["worker"]: r for r in results}
+    assert by_worker[1]["faults_injected"] == 1 and by_worker[0]["faults_injected"] == 0
+    events = dict(results[0]["sync_anomalous"])
+    assert sorted(events) == list(range(2, 25, 2))
+    assert all(events[i] == [] for i in range(2, 13, 2)), events
+    for iteration in range(14, 25, 2):
+        assert events[iteration] and all(n.startswith("w1[") for n in events[iteration]), (iteration, events)
+    assert "layer0" in events[24][0]
