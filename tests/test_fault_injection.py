@@ -68,14 +68,19 @@ def test_bit_flip_turns_a_weight_huge_and_flipping_again_restores_it():
 
 
 def test_corrupt_tokens_random_and_repeated():
+    """Inputs and labels are one corrupted document shifted by one (not the same tokens: a model would
+    learn to copy its input); drawn again with the same seed, the same."""
     tokens = torch.arange(24).view(3, 8)
     generator = lambda: torch.Generator().manual_seed(5)  # noqa: E731
-    random = corrupt_tokens(tokens, "random-tokens", 50, generator())
-    assert random.shape == tokens.shape and random.dtype == tokens.dtype
-    assert not torch.equal(random, tokens) and int(random.max()) < 50
-    assert torch.equal(random, corrupt_tokens(tokens, "random-tokens", 50, generator()))
+    inputs = corrupt_tokens(tokens, "random-tokens", 50, generator())
+    labels = corrupt_tokens(tokens, "random-tokens", 50, generator(), labels=True)
+    assert inputs.shape == labels.shape == tokens.shape and inputs.dtype == tokens.dtype
+    assert not torch.equal(inputs, tokens) and int(inputs.max()) < 50
+    assert torch.equal(inputs[:, 1:], labels[:, :-1]) and not torch.equal(inputs, labels)
+    assert torch.equal(inputs, corrupt_tokens(tokens, "random-tokens", 50, generator()))
     repeated = corrupt_tokens(tokens, "repeated-tokens", 50, generator())
     assert all(len(set(row.tolist())) == 1 for row in repeated)
+    assert torch.equal(repeated, corrupt_tokens(tokens, "repeated-tokens", 50, generator(), labels=True))
     with pytest.raises(ValueError):
         corrupt_tokens(tokens, "bit-flip", 50, generator())
 
@@ -100,6 +105,10 @@ def test_data_faults_replace_inputs_and_labels_only_when_and_where_due(kind):
         injector.start_iteration(2)  # a resumed run: its first forward is iteration 3
         seen = _call(model, tokens, labels)
         assert torch.equal(seen[0], seen[1])  # inputs and labels: the same repeated token per row
+    else:
+        injector.start_iteration(2)
+        seen = _call(model, tokens, labels)
+        assert torch.equal(seen[0][:, 1:], seen[1][:, :-1])  # labels = inputs shifted by one
     other, other_model = _injector(kind, worker_index=0)
     other.start_iteration(2)
     assert torch.equal(_call(other_model, tokens, labels)[0], tokens)

@@ -1,15 +1,23 @@
-"""Convergence benchmark: synchronous DP vs DiLoCo vs EDiT (and both with one corrupted worker), side by side.
+"""Convergence benchmark: synchronous DP vs the local-SGD methods, clean and with injected faults, over seeds.
 
-Every run trains the same GPT (same seed, model, LR schedule, global batch, DDP/optimizer settings, number
-of iterations, hence the same number of tokens) on the default corpus with 4 ranks = DP 4 = 4 workers, one
+Every run trains the same GPT (per seed the same initialisation; the same model, LR schedule, global batch,
+DDP/optimizer settings and number of iterations, hence the same number of tokens) on the default corpus with 4 ranks = DP 4 = 4 workers, one
 after another in this one invocation, through ``megatron_edit.training.launch.spawn_training`` (the real
-training entry on local gloo ranks). Runs:
+training entry on local gloo ranks). Runs are named METHOD or METHOD+FAULT:
 
   sync            synchronous data parallel (no --local-sgd)
   diloco          --local-sgd diloco (all-at-once outer Nesterov step)
-  edit            --local-sgd edit (layer-wise sync + pseudo-gradient penalty)
-  diloco-corrupt  diloco with --local-sgd-debug-corrupt-worker SPEC
-  edit-corrupt    edit   with --local-sgd-debug-corrupt-worker SPEC
+  edit            --local-sgd edit (layer-wise sync + the paper's pseudo-gradient penalty)
+  edit-peer       edit with uniform weights and the two-sided cross-worker test (--pseudo-grad-peer-ratio 4)
+  streaming       --local-sgd streaming, 2 fragments, tau 1, fp4-e3m0 wire
+  +noise          --local-sgd-debug-corrupt-worker SPEC (gradient noise; old names: diloco-corrupt, edit-corrupt)
+  +random-tokens, +repeated-tokens, +loss-spike, +bit-flip
+                  --local-sgd-debug-fault on worker 1 (megatron_edit/fault_injection.py), from --fault-start
+
+With ``--seeds a,b,c`` every run is repeated per seed (seed-major order) and the table reports the mean +-
+standard deviation and the range of the final validation loss, the ratio of means to synchronous DP and, for
+a fault run, its excess over the same method's clean run with the same seed; the plot shows the mean
+training curve of each run with a min..max band over the seeds.
 
 Fault injection and the inner optimizer: ``--local-sgd-debug-corrupt-worker W:SCALE:PROB`` adds N(0, SCALE^2)
 noise to worker W's gradients with probability PROB per iteration. The inner optimizer is Adam with gradient
@@ -38,6 +46,7 @@ Output: a Markdown table (printed and written to OUTPUT_DIR/convergence.md), los
 per iteration, validation points as markers), one log per run (the ranks' stdout/stderr) and results.json.
 
     python tools/bench_convergence.py                       # defaults: 192 iterations, H=16, ~10 min
+    python tools/bench_convergence.py --seeds 1,2,3 --methods sync,diloco,edit,edit-peer,diloco+loss-spike,edit-peer+loss-spike
     python tools/bench_convergence.py --train-iters 1024 --sync-interval 64 --warmup-iters 64 --eval-interval 128
     python tools/bench_convergence.py --methods sync,edit --hidden-size 256 --extra-args="--adam-beta2 0.95"
 """
@@ -58,8 +67,10 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-METHODS = ("sync", "diloco", "edit", "diloco-corrupt", "edit-corrupt", "streaming")
-DEFAULT_METHODS = ("sync", "diloco", "edit", "diloco-corrupt", "edit-corrupt")
+METHODS = ("sync", "diloco", "edit", "edit-peer", "streaming")
+FAULTS = ("noise", "random-tokens", "repeated-tokens", "loss-spike", "bit-flip")
+ALIASES = {"diloco-corrupt": "diloco+noise", "edit-corrupt": "edit+noise"}
+DEFAULT_RUNS = ("sync", "diloco", "edit", "diloco+noise", "edit+noise")
 VOCAB = 1024
 
 
@@ -67,8 +78,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output-dir", default=os.path.join("runs", "bench_convergence"))
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)} (streaming: P=2, tau=1, fp4-e3m0 wire)")
+    p.add_argument("--methods", default=",".join(DEFAULT_RUNS),
+                   help=f"comma-separated runs METHOD or METHOD+FAULT; METHOD in {','.join(METHODS)} (edit-peer: "
+                        "edit with uniform weighting and --pseudo-grad-peer-ratio 4; streaming: P=2, tau=1, "
+                        f"fp4-e3m0 wire), FAULT in {','.join(FAULTS)} (on worker 1; see the module docstring)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds: every run once per seed, reported as mean +- std (default: --seed)")
     p.add_argument("--nproc", type=int, default=4, help="ranks (= DP size = workers)")
     p.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
     p.add_argument("--train-iters", type=int, default=192)
@@ -98,6 +113,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--corrupt-spec", default="1:1.0:0.05",
                    help="W:SCALE:PROB for the *-corrupt runs (see the module docstring)")
+    p.add_argument("--fault-start", type=int, default=None,
+                   help="first iteration of the --local-sgd-debug-fault runs (default: warmup + 2 H + 3, mid-interval)")
+    p.add_argument("--fault-length", type=int, default=16,
+                   help="iterations of the data faults (random-tokens, repeated-tokens); the others hit once")
     p.add_argument("--extra-args", default="", help="more training flags for every run (one string)")
     return p.parse_args(argv)
 
@@ -158,7 +177,7 @@ def compact(xs: list[int]) -> str:
     return ", ".join(parts) if parts else "none"
 
 
-def common_args(a: argparse.Namespace, prefix: str, tokenizer: str) -> list[str]:
+def common_args(a: argparse.Namespace, prefix: str, tokenizer: str, seed: int) -> list[str]:
     args = [
         "--data-path", prefix, "--split", "969,30,1",
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer,
@@ -175,22 +194,59 @@ def common_args(a: argparse.Namespace, prefix: str, tokenizer: str) -> list[str]
         "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
         "--ddp-bucket-size", str(a.ddp_bucket_size or 16 * a.hidden_size * a.hidden_size),
         "--log-interval", "10", "--eval-interval", str(a.eval_interval), "--eval-iters", str(a.eval_iters),
-        "--seed", str(a.seed),
+        "--seed", str(seed),
     ]
     return args + shlex.split(a.extra_args)
 
 
-def method_args(method: str, a: argparse.Namespace) -> list[str]:
+def split_run(name: str) -> tuple[str, Optional[str]]:
+    """'edit+loss-spike' -> ('edit', 'loss-spike'); old names diloco-corrupt / edit-corrupt are +noise."""
+    method, _, fault = ALIASES.get(name, name).partition("+")
+    if method not in METHODS or (fault and fault not in FAULTS):
+        raise SystemExit(f"--methods: {name!r} is not METHOD[+FAULT] with METHOD in {', '.join(METHODS)} "
+                         f"and FAULT in {', '.join(FAULTS)}")
+    if method == "sync" and fault:
+        raise SystemExit(f"--methods: {name!r}: faults are injected into local-SGD workers only")
+    return method, fault or None
+
+
+def fault_start(a: argparse.Namespace) -> int:
+    return a.fault_start if a.fault_start is not None else a.warmup_iters + 2 * a.sync_interval + 3
+
+
+def method_args(name: str, a: argparse.Namespace) -> list[str]:
+    method, fault = split_run(name)
     if method == "sync":
         return []
-    base, _, corrupt = method.partition("-")
+    base = "edit" if method == "edit-peer" else method
     args = ["--local-sgd", base, "--local-sgd-workers", str(a.nproc),
             "--local-sgd-sync-interval", str(a.sync_interval), "--local-sgd-warmup-iters", str(a.warmup_iters)]
-    if corrupt:
+    if method == "edit-peer":
+        args += ["--pseudo-grad-weighting", "uniform", "--pseudo-grad-peer-ratio", "4"]
+    if fault == "noise":
         args += ["--local-sgd-debug-corrupt-worker", a.corrupt_spec]
+    elif fault is not None:
+        length = f":{a.fault_length}" if fault in ("random-tokens", "repeated-tokens") else ""
+        args += ["--local-sgd-debug-fault", f"1:{fault}:{fault_start(a)}{length}"]
     if base == "streaming":
         args += ["--streaming-fragments", "2", "--streaming-overlap-steps", "1", "--outer-grad-dtype", "fp4-e3m0"]
     return args
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) != len(values) or not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def fmt_mean_std(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    if not math.isfinite(mean):
+        return ", ".join(fmt_loss(v) for v in values)
+    return f"{mean:.4f}" + (f" +- {std:.4f}" if len(values) > 1 else "")
 
 
 def summarize(results: list[dict], seq_length: int) -> dict:
@@ -226,7 +282,8 @@ def fmt_loss(x: float) -> str:
     return f"{x:.4f}" if math.isfinite(x) else str(x)
 
 
-def plot_curves(summaries: dict, path: str, title: str) -> Optional[str]:
+def plot_curves(runs: dict, path: str, title: str) -> Optional[str]:
+    """Per run: the mean training loss over seeds with a min..max band, validation means as markers."""
     try:
         import matplotlib
 
@@ -235,15 +292,26 @@ def plot_curves(summaries: dict, path: str, title: str) -> Optional[str]:
     except ImportError:
         return "matplotlib is not installed: loss_curves.png skipped"
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for i, (method, s) in enumerate(summaries.items()):
-        color = f"C{i}"
-        its = list(range(1, len(s["losses"]) + 1))
-        ax.plot(its, s["losses"], color=color, lw=0.9, alpha=0.8, label=f"{method} (train)")
-        if s["validation"]:
-            vi, vv = zip(*s["validation"])
-            ax.plot(vi, vv, color=color, marker="o", ls="--", lw=1.2, ms=6, label=f"{method} (validation)")
-    finite = [v for s in summaries.values() for v in s["losses"] if math.isfinite(v)]
-    finite_val = [v for s in summaries.values() for _, v in s["validation"] if math.isfinite(v)]
+    all_train, all_val = [], []
+    for i, (name, per_seed) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        curves = [s["losses"] for s in per_seed.values()]
+        n = min(len(c) for c in curves)
+        its = list(range(1, n + 1))
+        mean = [sum(c[t] for c in curves) / len(curves) for t in range(n)]
+        ax.plot(its, mean, color=color, lw=0.9, alpha=0.85, label=f"{name} (train, {len(curves)} seeds)")
+        if len(curves) > 1:
+            ax.fill_between(its, [min(c[t] for c in curves) for t in range(n)],
+                            [max(c[t] for c in curves) for t in range(n)], color=color, alpha=0.15, lw=0)
+        validations = [dict(s["validation"]) for s in per_seed.values()]
+        points = sorted(set.intersection(*(set(v) for v in validations))) if validations else []
+        if points:
+            vmean = [sum(v[p] for v in validations) / len(validations) for p in points]
+            ax.plot(points, vmean, color=color, marker="o", ls="--", lw=1.2, ms=6, label=f"{name} (validation)")
+            all_val += vmean
+        all_train += mean
+    finite = [v for v in all_train if math.isfinite(v)]
+    finite_val = [v for v in all_val if math.isfinite(v)]
     if finite:  # keep the interesting range visible even if a run blew up
         lo = min(finite + finite_val)
         hi = max(finite + finite_val)
@@ -253,7 +321,7 @@ def plot_curves(summaries: dict, path: str, title: str) -> Optional[str]:
     ax.set_ylabel("lm loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -263,102 +331,119 @@ def plot_curves(summaries: dict, path: str, title: str) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"--methods: {m!r} is not one of {', '.join(METHODS)}")
+    names = [ALIASES.get(m.strip(), m.strip()) for m in a.methods.split(",") if m.strip()]
+    for name in names:
+        split_run(name)
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
     os.makedirs(a.output_dir, exist_ok=True)
     tool_start = time.perf_counter()
     prefix, tokenizer = ensure_data(a.data_dir)
 
     from megatron_edit.training.launch import redirect_fds, spawn_training
 
-    base = common_args(a, prefix, tokenizer)
     worker, scale, prob = a.corrupt_spec.split(":")
-    hits = corruption_hits(a.seed, float(prob), a.train_iters)
-    summaries: dict[str, dict] = {}
+    runs: dict[str, dict[int, dict]] = {name: {} for name in names}  # name -> seed -> summary
     failures: dict[str, str] = {}
-    sync_logs: dict[str, list] = {}
-    for method in methods:
-        argv_run = base + method_args(method, a)
-        log = os.path.join(a.output_dir, f"{method}.log")
-        if os.path.exists(log):
-            os.remove(log)
-        print(f"[bench] {method}: {a.nproc} ranks, {a.train_iters} iterations (log: {log})", flush=True)
-        t0 = time.perf_counter()
-        try:
-            with redirect_fds(log):
-                print("argv: " + " ".join(shlex.quote(x) for x in argv_run), flush=True)
-                results = spawn_training(argv_run, a.nproc, keep_params=False)
-        except Exception as e:  # one failed run must not hide the others
-            failures[method] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            print(f"[bench] {method} FAILED after {time.perf_counter() - t0:.0f} s: {failures[method]}", flush=True)
-            continue
-        summaries[method] = summarize(results, a.seq_length)
-        sync_logs[method] = parse_sync_lines(log)
-        s = summaries[method]
-        print(f"[bench] {method}: final val {fmt_loss(s['final_val'])}, {time.perf_counter() - t0:.0f} s "
-              f"(training {s['wall_time']:.0f} s)", flush=True)
+    sync_logs: dict[str, dict[int, list]] = {name: {} for name in names}
+    for seed in seeds:  # seed-major: an interrupted benchmark still has every run for the first seeds
+        base = common_args(a, prefix, tokenizer, seed)
+        for name in names:
+            argv_run = base + method_args(name, a)
+            tag = f"{name}.seed{seed}"
+            log = os.path.join(a.output_dir, f"{tag}.log")
+            if os.path.exists(log):
+                os.remove(log)
+            print(f"[bench] {tag}: {a.nproc} ranks, {a.train_iters} iterations (log: {log})", flush=True)
+            t0 = time.perf_counter()
+            try:
+                with redirect_fds(log):
+                    print("argv: " + " ".join(shlex.quote(x) for x in argv_run), flush=True)
+                    results = spawn_training(argv_run, a.nproc, keep_params=False)
+            except Exception as e:  # one failed run must not hide the others
+                failures[tag] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                print(f"[bench] {tag} FAILED after {time.perf_counter() - t0:.0f} s: {failures[tag]}", flush=True)
+                continue
+            runs[name][seed] = summarize(results, a.seq_length)
+            sync_logs[name][seed] = parse_sync_lines(log)
+            s = runs[name][seed]
+            print(f"[bench] {tag}: final val {fmt_loss(s['final_val'])}, {time.perf_counter() - t0:.0f} s "
+                  f"(training {s['wall_time']:.0f} s)", flush=True)
 
-    # ---- table
-    ref_wall = summaries["sync"]["wall_time"] if "sync" in summaries else None
-    ref_val = summaries["sync"]["final_val"] if "sync" in summaries else None
+    # ---- table: mean +- std over seeds; ratios of means; a fault's excess over the same method's clean run
+    def finals(name: str) -> list[float]:
+        return [runs[name][seed]["final_val"] for seed in seeds if seed in runs[name]]
+
+    ref = mean_std(finals("sync"))[0] if "sync" in runs and finals("sync") else None
+    ref_wall = (sum(runs["sync"][x]["wall_time"] for x in runs["sync"]) / len(runs["sync"])
+                if "sync" in runs and runs["sync"] else None)
     lines = [
-        "| method | final validation loss | best validation loss | tokens | wall time (s) | "
-        "outer bytes sent per rank | final val loss vs sync DP | wall time vs sync DP |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| run | final validation loss (mean +- std, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}) | min .. max | "
+        "vs sync DP | excess over its clean run | tokens | wall time (s) | outer bytes sent per rank | "
+        "wall time vs sync DP |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for method in methods:
-        if method in failures:
-            lines.append(f"| {method} | failed: {failures[method]} | | | | | | |")
+    for name in names:
+        done = [seed for seed in seeds if seed in runs[name]]
+        if not done:
+            lines.append(f"| {name} | failed | | | | | | | |")
             continue
-        s = summaries[method]
-        sb = s["sync_bytes"]
-        sent = fmt_bytes(max(sb)) + ("" if min(sb) == max(sb) else f" (min {fmt_bytes(min(sb))})")
-        if fmt_bytes(max(s["sync_bytes_measured"])) != fmt_bytes(max(sb)):
-            sent += f" (measured {fmt_bytes(max(s['sync_bytes_measured']))})"
-        sent += f" ({s['syncs']} syncs)" if method != "sync" else ""
-        rv = f"{s['final_val'] / ref_val:.3f}" if ref_val else "-"
-        rw = f"{s['wall_time'] / ref_wall:.2f}" if ref_wall else "-"
-        lines.append(f"| {method} | {fmt_loss(s['final_val'])} | {fmt_loss(s['best_val'])} | {s['tokens']} | "
-                     f"{s['wall_time']:.1f} | {sent} | {rv} | {rw} |")
+        values = finals(name)
+        mean, _ = mean_std(values)
+        method, fault = split_run(name)
+        excess = "-"
+        if fault is not None and method in runs:
+            pairs = [runs[name][x]["final_val"] - runs[method][x]["final_val"] for x in done if x in runs[method]]
+            if pairs:
+                excess = fmt_mean_std(pairs)
+        first = runs[name][done[0]]
+        sb = first["sync_bytes"]
+        sent = fmt_bytes(max(sb)) + (f" ({first['syncs']} syncs)" if method != "sync" else "")
+        wall = sum(runs[name][x]["wall_time"] for x in done) / len(done)
+        lines.append(
+            f"| {name} | {fmt_mean_std(values)} | {fmt_loss(min(values))} .. {fmt_loss(max(values))} | "
+            f"{(f'{mean / ref:.4f}' if ref and math.isfinite(mean) else '-')} | {excess} | {first['tokens']} | "
+            f"{wall:.1f} | {sent} | {(f'{wall / ref_wall:.2f}' if ref_wall else '-')} |")
+    for tag, why in failures.items():
+        lines.append(f"| {tag} | failed: {why} | | | | | | | |")
     table = "\n".join(lines)
 
+    hits = {seed: corruption_hits(seed, float(prob), a.train_iters) for seed in seeds}
     notes = [
         f"Setup: {a.nproc} ranks (DP {a.nproc}; local SGD: {a.nproc} workers of 1 rank), "
         f"{a.num_layers} layers x hidden {a.hidden_size}, seq {a.seq_length}, global batch {a.global_batch_size} "
         f"(micro {a.micro_batch_size}), {a.train_iters} iterations, lr {a.lr} cosine to {a.min_lr} "
-        f"(warmup {a.lr_warmup_iters}), --clip-grad {a.clip_grad}, seed {a.seed}, distributed optimizer with overlapped "
-        f"grad reduce / param gather, DDP bucket size {a.ddp_bucket_size or 16 * a.hidden_size * a.hidden_size}; "
-        f"local SGD: H={a.sync_interval}, "
+        f"(warmup {a.lr_warmup_iters}), --clip-grad {a.clip_grad}, seeds {','.join(map(str, seeds))}, distributed "
+        f"optimizer with overlapped grad reduce / param gather, DDP bucket size "
+        f"{a.ddp_bucket_size or 16 * a.hidden_size * a.hidden_size}; local SGD: H={a.sync_interval}, "
         f"{a.warmup_iters} synchronous warmup iterations, outer Nesterov defaults; validation every "
         f"{a.eval_interval} iterations on {a.eval_iters} batches (the same batches every time, for every run).",
-        f"Corruption ({a.corrupt_spec} = worker {worker}, noise std {scale}, probability {prob}): "
-        f"gradient noise at iterations {compact(hits)} ({len(hits)} of {a.train_iters}, for this seed)"
-        + (f"; WARNING: hits during the synchronous warmup (1..{a.warmup_iters}) reach every worker"
-           if any(h <= a.warmup_iters for h in hits) else "") + ".",
-        "tokens = consumed_samples x seq_length; wall time = training loop only (max over ranks, excludes "
-        "process start-up and model build); outer bytes = what one rank sends in the cross-worker pseudo-gradient "
-        "all-reduces (fp32 ring estimate, plus the norm all-gather), from the engine's counter. It does not count "
-        "the per-step gradient traffic of synchronous DP or of the local-SGD warmup iterations.",
-        "Timings are noisy (2 shared cores; other jobs were running): compare ratios of runs made side by side.",
+        f"Faults on worker 1: noise = --local-sgd-debug-corrupt-worker {a.corrupt_spec} (noise std {scale}, "
+        f"probability {prob}; hits " + "; ".join(f"seed {x}: {compact(h)}" for x, h in hits.items()) + "); "
+        f"random-tokens / repeated-tokens from iteration {fault_start(a)} for {a.fault_length} iterations; "
+        f"loss-spike and bit-flip at iteration {fault_start(a)} (megatron_edit/fault_injection.py).",
+        "excess over its clean run = final validation loss of METHOD+FAULT minus METHOD's, per seed, then mean "
+        "+- std. tokens = consumed_samples x seq_length; wall time = training loop only (mean over seeds of the "
+        "max over ranks); outer bytes = what one rank sends in the cross-worker pseudo-gradient reductions.",
+        "Timings are noisy (2 shared cores): compare ratios of runs made side by side.",
     ]
     evals = list(range(a.eval_interval, a.train_iters, a.eval_interval)) + [a.train_iters]
     off = [e for e in evals if e > a.warmup_iters and (e - a.warmup_iters) % a.sync_interval != 0]
     if off:
         notes.append(f"WARNING: validations at iterations {compact(off)} are not on sync iterations: for local SGD "
                      "they average the workers' unsynchronised models.")
-    for method in methods:
-        if method in sync_logs and sync_logs[method]:
-            flagged = [(it, an) for it, _, an in sync_logs[method] if an != "none"]
-            notes.append(f"{method}: {len(sync_logs[method])} syncs; anomalous workers flagged: "
-                         + (", ".join(f"it {it}: {an}" for it, an in flagged) if flagged else "none"))
+    for name in names:
+        for seed, lines_ in sync_logs[name].items():
+            flagged = [(it, an) for it, _, an in lines_ if an != "none"]
+            if lines_ and (flagged or split_run(name)[0].startswith("edit")):
+                notes.append(f"{name} seed {seed}: {len(lines_)} syncs; anomalous workers flagged: "
+                             + (", ".join(f"it {it}: {an}" for it, an in flagged) if flagged else "none"))
     md = ["# Convergence benchmark", "", table, "", *[f"- {n}" for n in notes]]
 
     plot_msg = None
-    if summaries:
-        plot_msg = plot_curves(summaries, os.path.join(a.output_dir, "loss_curves.png"),
-                               f"{a.nproc} ranks, {a.train_iters} iterations, H={a.sync_interval}")
+    if any(runs.values()):
+        plot_msg = plot_curves({n: r for n, r in runs.items() if r}, os.path.join(a.output_dir, "loss_curves.png"),
+                               f"{a.nproc} ranks, {a.train_iters} iterations, H={a.sync_interval}, "
+                               f"{len(seeds)} seed(s): mean and min..max")
     md += ["", plot_msg or "Loss curves: loss_curves.png"]
     total = time.perf_counter() - tool_start
     md += ["", f"Tool wall time: {total:.0f} s"]
@@ -368,9 +453,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(a.output_dir, "convergence.md"), "w") as f:
         f.write(text)
     with open(os.path.join(a.output_dir, "results.json"), "w") as f:
-        json.dump({"args": vars(a), "corruption_hits": hits, "failures": failures,
-                   "sync_lines": sync_logs,
-                   "runs": {m: {k: v for k, v in s.items()} for m, s in summaries.items()}}, f, indent=1)
+        json.dump({"args": vars(a), "corruption_hits": hits, "failures": failures, "sync_lines": sync_logs,
+                   "runs": runs}, f, indent=1)
     return 1 if failures else 0
 
 

