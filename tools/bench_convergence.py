@@ -339,7 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tool_start = time.perf_counter()
     prefix, tokenizer = ensure_data(a.data_dir)
 
-    from megatron_edit.training.launch import redirect_fds, spawn_training
+    from megatron_edit.training.launch import last_line, spawn_training_logged
 
     worker, scale, prob = a.corrupt_spec.split(":")
     runs: dict[str, dict[int, dict]] = {name: {} for name in names}  # name -> seed -> summary
@@ -356,11 +356,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"[bench] {tag}: {a.nproc} ranks, {a.train_iters} iterations (log: {log})", flush=True)
             t0 = time.perf_counter()
             try:
-                with redirect_fds(log):
-                    print("argv: " + " ".join(shlex.quote(x) for x in argv_run), flush=True)
-                    results = spawn_training(argv_run, a.nproc, keep_params=False)
+                results = spawn_training_logged(argv_run, a.nproc, log, keep_params=False)
             except Exception as e:  # one failed run must not hide the others
-                failures[tag] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                failures[tag] = last_line(e)
                 print(f"[bench] {tag} FAILED after {time.perf_counter() - t0:.0f} s: {failures[tag]}", flush=True)
                 continue
             runs[name][seed] = summarize(results, a.seq_length)

@@ -148,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(a.output_dir, exist_ok=True)
     tool_start = time.perf_counter()
 
-    from megatron_edit.training.launch import redirect_fds, spawn_training
+    from megatron_edit.training.launch import last_line, spawn_training_logged
 
     base = common_args(a)
     samples = {m: {"non_sync": [], "sync": [], "after_sync": [], "pairs": []} for m in methods}
@@ -167,12 +167,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"(log: {log})", flush=True)
             t0 = time.perf_counter()
             try:
-                with redirect_fds(log):
-                    print("argv: " + " ".join(shlex.quote(x) for x in argv_run), flush=True)
-                    results = spawn_training(argv_run, a.nproc, keep_params=False)
+                results = spawn_training_logged(argv_run, a.nproc, log, keep_params=False)
             except Exception as e:  # one failed run must not hide the others
-                msg = str(e).strip().splitlines()
-                failures[method] = f"{type(e).__name__}: {msg[-1] if msg else ''}"
+                failures[method] = last_line(e)
                 print(f"[bench] {method} FAILED: {failures[method]}", flush=True)
                 continue
             if method not in losses:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shlex
 import sys
 import socket
 import tempfile
@@ -198,6 +199,20 @@ def loss_curve(results: list[dict]) -> list[float]:
 
 def validation_curve(results: list[dict]) -> list[tuple[int, float]]:
     return next(r["validation"] for r in results if r["last_stage"])
+
+
+def spawn_training_logged(argv: Sequence[str], world_size: int, log_path: str, **kwargs) -> list[dict]:
+    """spawn_training with every rank's output (after the argv line) appended to ``log_path``
+    (benchmarks: one log per run)."""
+    with redirect_fds(log_path):
+        print("argv: " + " ".join(shlex.quote(x) for x in argv), flush=True)
+        return spawn_training(argv, world_size, **kwargs)
+
+
+def last_line(error: BaseException) -> str:
+    """``Type: last line of the message`` (a failed run in a benchmark table)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
 
 @contextlib.contextmanager
