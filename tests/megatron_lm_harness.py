@@ -103,4 +103,18 @@ def run_megatron_lm(nproc: int, flags: list[str], timeout: int = 600) -> Run:
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+        _keep_log(cmd, out, err)
         return Run(proc.returncode, out, err)
+
+
+def _keep_log(cmd: list[str], out: str, err: str) -> None:
+    """With MEGATRON_LM_LOG_DIR set, each run's command and output go to a numbered file there (the
+    lines a closing note or a bug report quotes)."""
+    directory = os.environ.get("MEGATRON_LM_LOG_DIR")
+    if not directory:
+        return
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"run{len(os.listdir(directory)):03d}.log")
+    with open(path, "w") as f:
+        f.write("$ " + " ".join(cmd[cmd.index("megatron_edit.launch") - 1:]) + "\n" + (out or "")
+                + "\n--- stderr ---\n" + (err or ""))
