@@ -99,8 +99,8 @@ class FakeDistributedOptimizer:
         self.model_fp32_groups, self.shard_fp32_groups = [[]], [[]]
         self._get_fp8_params_and_shard_fp32_from_fp8 = (
             DistributedOptimizer._get_fp8_params_and_shard_fp32_from_fp8.__get__(self))
-        # 0.19: the real method selects by the class's own predicate (bound to the class, as in megatron).
-        for name in ("_is_fp8_param_for_param_gather",):
+        # 0.18 / 0.19: the real method selects by the class's own predicate (a classmethod, as in megatron).
+        for name in ("_is_fp8_param_for_param_gather", "_is_distopt_quantized_param"):
             if hasattr(DistributedOptimizer, name):
                 setattr(self, name, getattr(DistributedOptimizer, name))
 
