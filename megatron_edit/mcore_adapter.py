@@ -360,6 +360,57 @@ def patch_fully_reshardable_load(optimizer: Any) -> None:
         opt._set_main_param_and_optimizer_states = set_states
 
 
+def _saves_fully_reshardable_at_padded_offsets(cls: Any) -> bool:
+    """Probe: does this DistributedOptimizer slice its gathered world tensors at the buffer's padded
+    offsets? Every release from 0.16.1 to 0.19.2 does (its zero-padding workaround, "param range exceeds
+    unpadded buffer", is the mark); Megatron-LM PR #5077 (merged upstream 2026-05) fixes it."""
+    import inspect
+
+    method = getattr(cls, "sharded_param_state_fully_reshardable", None)
+    if method is None:
+        return False
+    try:
+        return "param range exceeds" in inspect.getsource(method)
+    except (OSError, TypeError):
+        return False
+
+
+def fix_fully_reshardable_bucket_offsets(optimizer: Any) -> None:
+    """Make ``fully_reshardable`` saves of a multi-bucket grad buffer correct (megatron-core 0.16.1 to
+    0.19.2). ``DistributedOptimizer.get_parameter_state_dp_zero`` packs each bucket's gathered state
+    without the bucket's end padding, but ``sharded_param_state_fully_reshardable`` reads it at
+    ``buffer.param_index_map`` offsets, which include the padding of every earlier bucket: every param
+    after the first bucket is saved shifted (its neighbours' values; zeros past the end, with a warning).
+    Invisible with one bucket; found by the Megatron-LM resume test once layer-wise EDiT used buckets of
+    about one layer (the resumed run's first step went wrong). The fix (as upstream): during that call the
+    map holds the offsets minus the end padding of the earlier buckets (``bucket.grad_data.numel() -
+    bucket.numel_unpadded``), so save and load templates agree with the packed world tensors."""
+    for opt in sub_optimizers(optimizer):
+        original = getattr(opt, "sharded_param_state_fully_reshardable", None)
+        if (original is None or getattr(original, "_megatron_edit_patched", False)
+                or not _saves_fully_reshardable_at_padded_offsets(type(opt))):
+            continue
+
+        def sharded_param_state(*args, _opt=opt, _original=original, **kwargs):
+            kept = [buffer.param_index_map for buffer in _opt.buffers]
+            try:
+                for buffer in _opt.buffers:
+                    stripped, before = 0, []
+                    for bucket in buffer.buckets:
+                        before.append(stripped)
+                        stripped += bucket.grad_data.numel() - bucket.numel_unpadded
+                    buffer.param_index_map = {
+                        param: (start - before[bucket_id], end - before[bucket_id], bucket_id)
+                        for param, (start, end, bucket_id) in buffer.param_index_map.items()}
+                return _original(*args, **kwargs)
+            finally:
+                for buffer, index_map in zip(_opt.buffers, kept):
+                    buffer.param_index_map = index_map
+
+        sharded_param_state._megatron_edit_patched = True
+        opt.sharded_param_state_fully_reshardable = sharded_param_state
+
+
 def fp8_param_shards(optimizer: Any) -> dict:
     """FP8 model param -> (its fp32 main shard on this rank or None, the shard's start offset in the param
     or None), exactly as the distributed optimizer passes them to ``quantize_param_shard`` after an inner

@@ -81,6 +81,7 @@ def attach(optimizer: Any, engine: Any, worker: int, num_workers: int, load_path
     original_load_state_dict = optimizer.load_state_dict
     intra = engine.topo.intra_dp_group.rank()
     pending: dict = {}
+    mcore_adapter.fix_fully_reshardable_bucket_offsets(optimizer)
 
     def sharded_state_dict(model_sharded_state_dict, is_loading: bool = False, **kwargs):
         if is_loading:

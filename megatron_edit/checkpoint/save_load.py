@@ -97,6 +97,7 @@ def build_state_dict(trainer, plan: Plan, is_loading: bool) -> tuple[dict, dict]
     if plan.optimizer:
         if is_loading:
             mcore_adapter.init_torch_adam_state(trainer.optimizer)
+        mcore_adapter.fix_fully_reshardable_bucket_offsets(trainer.optimizer)
         per_worker_sd["optimizer"] = trainer.optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading, metadata=dict(OPTIMIZER_METADATA))
     rekey_for_worker(per_worker_sd, plan.worker, intra)
