@@ -105,8 +105,7 @@ class LocalSGDConfig:
             raise ConfigError(f"{flag('pseudo_grad_clip')} {self.pseudo_grad_clip} must be > 0")
         if not self.anomaly_threshold >= 0:  # also rejects NaN
             raise ConfigError(f"{flag('anomaly_threshold')} {self.anomaly_threshold} must be >= 0 (0 disables)")
-        if not (self.peer_ratio == 0 or self.peer_ratio > 1) or self.peer_ratio != self.peer_ratio \
-                or self.peer_ratio == float("inf"):
+        if self.peer_ratio != 0 and not 1 < self.peer_ratio < float("inf"):  # also rejects NaN
             raise ConfigError(f"{flag('peer_ratio')} {self.peer_ratio} must be > 1 (0 disables)")
         if not 0 < self.ewma_alpha <= 1:
             raise ConfigError(f"{flag('ewma_alpha')} {self.ewma_alpha} must be in (0, 1]")
