@@ -159,8 +159,10 @@ class LocalSGDConfig:
             )
         for rank_field in ("debug_slow_worker", "debug_corrupt_worker", "debug_fault"):
             value = getattr(self, rank_field)
-            worker = value.worker if isinstance(value, FaultSpec) else value[0] if value is not None else None
-            if worker is not None and not 0 <= worker < workers:
+            if value is None:
+                continue
+            worker = value.worker if isinstance(value, FaultSpec) else value[0]
+            if not 0 <= worker < workers:
                 raise ConfigError(f"{flag(rank_field)} worker {worker} is not in [0, {workers})")
         if self.method == "streaming" and self.streaming_fragments is not None:
             if self.streaming_fragments > num_layers:

@@ -161,9 +161,13 @@ class FaultInjector:
 
         return hook
 
+    def spikes_at(self, iteration: int) -> bool:
+        """Whether this rank's gradients of ``iteration`` are to be scaled (``loss-spike``)."""
+        return self.mine and self.spec.kind == "loss-spike" and self.spec.active(iteration)
+
     def before_optimizer_step(self, iteration: int, grad_buffers) -> None:
         """``loss-spike``: scale the worker's reduced gradients (``grad_buffers``: flat tensors)."""
-        if self.mine and self.spec.kind == "loss-spike" and self.spec.active(iteration):
+        if self.spikes_at(iteration):
             for grad in grad_buffers:
                 grad.mul_(SPIKE_FACTOR)
             self.injected += 1

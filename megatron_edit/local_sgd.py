@@ -298,7 +298,7 @@ class LocalSGD:
         cfg = self.cfg
         if cfg.debug_corrupt_worker is not None:
             self._maybe_corrupt(iteration)
-        if self.faults is not None:
+        if self.faults is not None and self.faults.spikes_at(iteration):
             self.faults.before_optimizer_step(iteration, [
                 grad for chunk in self.model
                 for grad in mcore_adapter.grad_shards_for_sync(chunk, self.distributed_optimizer)])
