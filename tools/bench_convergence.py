@@ -199,6 +199,11 @@ def common_args(a: argparse.Namespace, prefix: str, tokenizer: str, seed: int) -
     return args + shlex.split(a.extra_args)
 
 
+def eval_iterations(a: argparse.Namespace) -> list[int]:
+    """The iterations a run validates at (every --eval-interval, and the last one)."""
+    return list(range(a.eval_interval, a.train_iters, a.eval_interval)) + [a.train_iters]
+
+
 def split_run(name: str) -> tuple[str, Optional[str]]:
     """'edit+loss-spike' -> ('edit', 'loss-spike'); old names diloco-corrupt / edit-corrupt are +noise."""
     method, _, fault = ALIASES.get(name, name).partition("+")
@@ -424,8 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "max over ranks); outer bytes = what one rank sends in the cross-worker pseudo-gradient reductions.",
         "Timings are noisy (2 shared cores): compare ratios of runs made side by side.",
     ]
-    evals = list(range(a.eval_interval, a.train_iters, a.eval_interval)) + [a.train_iters]
-    off = [e for e in evals if e > a.warmup_iters and (e - a.warmup_iters) % a.sync_interval != 0]
+    off = [e for e in eval_iterations(a) if e > a.warmup_iters and (e - a.warmup_iters) % a.sync_interval != 0]
     if off:
         notes.append(f"WARNING: validations at iterations {compact(off)} are not on sync iterations: for local SGD "
                      "they average the workers' unsynchronised models.")

@@ -113,8 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     hs = [int(v) for f, vs in grid if f == "local-sgd-sync-interval" for v in vs] or [a.sync_interval]
     warmups = [int(v) for f, vs in grid if f == "local-sgd-warmup-iters" for v in vs] or [a.warmup_iters]
-    evals = list(range(a.eval_interval, a.train_iters, a.eval_interval)) + [a.train_iters]
-    off = sorted({(h, w) for h in hs for w in warmups for e in evals if e > w and (e - w) % h})
+    off = sorted({(h, w) for h in hs for w in warmups for e in bench.eval_iterations(a) if e > w and (e - w) % h})
     points = [dict(zip([f for f, _ in grid], combo)) for combo in itertools.product(*[v for _, v in grid])]
     runs = ([("sync", {})] if not ours.no_sync_reference else []) + [(ours.method, p) for p in points]
     finals: dict[str, dict[int, float]] = {}
