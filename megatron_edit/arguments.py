@@ -78,10 +78,11 @@ def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help="z-score threshold (edit/a-edit default 3; 0 disables)")
     g.add_argument("--pseudo-grad-ewma-alpha", type=float, default=0.02)
     g.add_argument("--pseudo-grad-ewma-warmup", type=int, default=3, help="syncs before anomaly detection")
-    g.add_argument("--pseudo-grad-weighting", choices=WEIGHTINGS, default=None)
-    g.add_argument("--pseudo-grad-peer-ratio", type=float, default=0.0, metavar="R",
+    g.add_argument("--pseudo-grad-weighting", choices=WEIGHTINGS, default="uniform",
+                   help="uniform: healthy workers averaged as in DiLoCo; norm: the EDiT paper's softmax(-G/T)")
+    g.add_argument("--pseudo-grad-peer-ratio", type=float, default=None, metavar="R",
                    help="edit/a-edit: a worker whose norm is more than R times above or below the workers' "
-                        "median (same sync, same layer) is anomalous; 0 (default) disables")
+                        "median (same sync, same layer) is anomalous (default 4; 0 disables)")
     g.add_argument("--pseudo-grad-step-weighted", action="store_true",
                    help="a-edit: weight pseudo-gradients by inner steps since the last sync")
     g.add_argument("--local-sgd-layerwise", dest="local_sgd_layerwise", action="store_true", default=None)

@@ -15,6 +15,7 @@ METHODS = ("diloco", "edit", "a-edit", "streaming")
 PENALTY_METHODS = ("edit", "a-edit")
 OUTER_OPTIMIZERS = ("nesterov", "sgd", "average")
 WEIGHTINGS = ("uniform", "norm")
+DEFAULT_PEER_RATIO = 4.0  # edit/a-edit: chosen from tools/bench_convergence.py (README "Choosing H ...")
 STREAMING_PATTERNS = ("strided", "sequential")
 OUTER_GRAD_DTYPES = ("fp32", "bf16", "fp8-e4m3", "fp8-e5m2", "fp4-e3m0", "fp4-e2m1", "int8", "int4")
 
@@ -41,8 +42,8 @@ class LocalSGDConfig:
     anomaly_threshold: Optional[float] = None  # delta (z-score); 3 for edit/a-edit; 0 disables
     ewma_alpha: float = 0.02
     ewma_warmup: int = 3
-    weighting: Optional[str] = None  # norm for edit/a-edit, uniform otherwise
-    peer_ratio: float = 0.0  # R of the two-sided cross-worker anomaly test (pseudo_grad_penalty.peer_outliers)
+    weighting: str = "uniform"  # "norm": the EDiT paper's softmax(-G/T) (see pseudo_grad_penalty.py: why not default)
+    peer_ratio: Optional[float] = None  # R of the two-sided cross-worker test (peer_outliers): 4 for edit/a-edit
     step_weighted: bool = False  # a-edit: weight pseudo-gradients by inner steps since the last sync
     layerwise: Optional[bool] = None  # on for edit/a-edit
     offload_outer_state: bool = False
@@ -76,8 +77,8 @@ class LocalSGDConfig:
             self.pseudo_grad_clip = 10.0
         if self.anomaly_threshold is None:
             self.anomaly_threshold = 3.0 if has_penalty else 0.0
-        if self.weighting is None:
-            self.weighting = "norm" if has_penalty else "uniform"
+        if self.peer_ratio is None:
+            self.peer_ratio = DEFAULT_PEER_RATIO if has_penalty else 0.0
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         if self.layerwise is None:
             self.layerwise = has_penalty

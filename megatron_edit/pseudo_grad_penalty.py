@@ -24,6 +24,16 @@ and sums ``weighted_sum_contribution(delta_w, weights[w, l])`` over workers. It 
 ``torch.where`` instead. Then it scales by :func:`clip_coefficient` of the combined norm and passes
 ``skip`` (expanded to the shard's elements) to ``outer_optimizer.outer_step``.
 
+Defaults of ``--local-sgd edit`` / ``a-edit`` (``config.py``): the EWMA z-test, the peer test with R = 4,
+uniform weights over the healthy workers, clipping. Not the paper's ``softmax(-G/T)``: it gives the
+largest weight to the smallest norm, and in practice the smallest norm belongs to a worker that stopped
+learning (after a loss spike or a burst of gradient noise its Adam second moments blew up and froze it),
+not to the most trustworthy one; its weights also grow without bound as a norm shrinks. Measured with
+``tools/bench_convergence.py`` (README, "Choosing H and the outer optimizer"): the paper's weighting lost
+to DiLoCo's plain mean on clean runs and under a loss spike; uniform weights plus a two-sided test lose
+nothing when clean and leave a frozen, exploding or non-finite worker out. ``--pseudo-grad-weighting
+norm --pseudo-grad-peer-ratio 0`` restores the paper's rule exactly.
+
 Everything here is fp32 tensor math without ``.item()`` or Python conditions on tensor values: it runs
 per layer inside the forward pass (EDiT's layer-wise sync), where a host sync would break the overlap.
 """

@@ -258,9 +258,13 @@ def test_peer_ratio_above_one_or_zero(value):
 
 def test_peer_ratio_reaches_the_penalty():
     _, cfg = ok(LSGD + ["--local-sgd", "edit"])
-    assert cfg.peer_ratio == 0.0
-    _, cfg = ok(LSGD + ["--local-sgd", "a-edit", "--pseudo-grad-peer-ratio", "4"])
     assert cfg.peer_ratio == 4.0
+    _, cfg = ok(LSGD + ["--local-sgd", "a-edit", "--pseudo-grad-peer-ratio", "6"])
+    assert cfg.peer_ratio == 6.0
+    _, cfg = ok(LSGD + ["--local-sgd", "edit", "--pseudo-grad-peer-ratio", "0"])
+    assert cfg.peer_ratio == 0.0
+    _, cfg = ok(LSGD + ["--local-sgd", "diloco"])
+    assert cfg.peer_ratio == 0.0
 
 
 def test_sync_check_interval_is_for_a_edit_and_positive():
@@ -345,7 +349,7 @@ def test_edit_defaults(method):
     _, cfg = ok(LSGD + ["--local-sgd", method])
     assert cfg.pseudo_grad_clip == 10.0
     assert cfg.anomaly_threshold == 3.0
-    assert cfg.weighting == "norm"
+    assert (cfg.weighting, cfg.peer_ratio) == ("uniform", 4.0)  # the paper's: --pseudo-grad-weighting norm
     assert cfg.layerwise is True
     assert cfg.outer_grad_dtype == "fp32"
     assert (cfg.outer_lr, cfg.outer_momentum, cfg.sync_interval) == (0.8, 0.85, 128)
