@@ -43,8 +43,7 @@ def sync_check_every(sync_time_s: float, step_seconds: float, fraction: float = 
 class AsyncSyncController:
     def __init__(self, sync_time_s: float, num_workers: int, worker_index: int, global_batch_size: int,
                  budget_samples: int, worker_group, inter_worker_group,
-                 device: torch.device, slow_worker: Optional[tuple[int, float]] = None,
-                 clock: Callable[[], float] = time.monotonic, check_interval: Optional[int] = None):
+                 device: torch.device, clock: Callable[[], float] = time.monotonic, check_interval: Optional[int] = None):
         self.trigger = TimeTrigger(sync_time_s, clock)
         self.sync_time_s = sync_time_s
         self.fixed_check_interval = check_interval
@@ -57,7 +56,6 @@ class AsyncSyncController:
         self.budget_samples = budget_samples
         self.worker_group = worker_group
         self.inter_worker_group = inter_worker_group
-        self.slow_factor = slow_worker[1] if slow_worker and slow_worker[0] == worker_index else 1.0
         self.clock = clock
         self.device = device
         self.steps_since_sync = 0
@@ -79,11 +77,9 @@ class AsyncSyncController:
         return self.agreed_samples + self.steps_since_sync * self.global_batch_size
 
     def after_inner_step(self) -> bool:
-        """Count the step, slow down a simulated straggler, and return whether this worker enters a sync
-        now (the same answer on every rank of the worker)."""
+        """Count the step and return whether this worker enters a sync now (the same answer on every rank
+        of the worker). A simulated straggler (fault_injection.SlowWorker) has slept already."""
         self.steps_since_sync += 1
-        if self.slow_factor > 1.0:
-            time.sleep((self.slow_factor - 1.0) * max(0.0, self.clock() - self._step_start))
         now = self.clock()
         step_seconds, self._step_start = now - self._step_start, now
         if self.estimated_samples >= self.budget_samples:

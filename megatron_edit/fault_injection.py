@@ -15,6 +15,10 @@ START for LENGTH iterations (default 1), identically on every rank of that worke
   of one fp32 master weight of the worker flips: a silent data corruption. A weight of 0.02 becomes
   ~7e36, so the worker's loss and then its whole state turn non-finite. LENGTH must be 1.
 
+A straggler, ``--local-sgd-debug-slow-worker W:FACTOR`` (``SlowWorker``): every rank of worker W sleeps
+(FACTOR - 1) x the time of its own step after each optimizer step, for every method and during the
+synchronous warmup too (where, as in synchronous DP, everybody then waits for it).
+
 The older ``--local-sgd-debug-corrupt-worker W:SCALE:PROB`` (Gaussian gradient noise with probability
 PROB per step) stays in ``local_sgd.LocalSGD._maybe_corrupt``.
 
@@ -32,8 +36,9 @@ worker's gradients are averaged into every worker.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -186,3 +191,24 @@ class FaultInjector:
                     flip_bit_(main.detach(), 0)
                 self.injected += 1
                 return
+
+
+class SlowWorker:
+    """A worker FACTOR times slower than the others (older GPUs, thermal throttling, a busy host).
+
+    The step time is measured from the end of the previous ``after_step`` (after any sync) to this one, so
+    it is the worker's own forward, backward and optimizer step, not time spent waiting for the others."""
+
+    def __init__(self, factor: float, clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.factor = factor
+        self.clock = clock
+        self.sleep = sleep
+        self._start = clock()
+
+    def before_sync(self) -> None:
+        self.sleep((self.factor - 1.0) * max(0.0, self.clock() - self._start))
+
+    def after_sync(self) -> None:
+        self._start = self.clock()
+

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from megatron_edit import mcore_adapter
 from megatron_edit.async_trigger import AsyncSyncController
 from megatron_edit.config import LocalSGDConfig
-from megatron_edit.fault_injection import FaultInjector, model_vocab_size
+from megatron_edit.fault_injection import FaultInjector, SlowWorker, model_vocab_size
 from megatron_edit.fp8 import write_back_model_params
 from megatron_edit.outer_optimizer import needs_outer_momentum, outer_step
 from megatron_edit.outer_state import (
@@ -175,6 +175,8 @@ class LocalSGD:
                 topology.data_parallel_rank,
                 first_shard_rank=(topology.intra_dp_group is None or topology.intra_dp_group.rank() == 0)
                 and ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0)
+        slow = cfg.debug_slow_worker
+        self.slow = SlowWorker(slow[1]) if slow is not None and slow[0] == topology.worker_index else None
         self._sync_iteration = 0
         self._sync_iteration_of_next_forward: Optional[int] = None
         # Host time on the critical path in cross-worker reductions (advance / wait: blocked on the network
@@ -186,8 +188,7 @@ class LocalSGD:
         if cfg.method == "a-edit":
             self.async_ctl = AsyncSyncController(
                 cfg.sync_time, topology.num_workers, topology.worker_index, global_batch_size, budget_samples,
-                topology.worker_group, topology.inter_worker_group, self.device, cfg.debug_slow_worker,
-                check_interval=cfg.sync_check_interval)
+                topology.worker_group, topology.inter_worker_group, self.device, check_interval=cfg.sync_check_interval)
         self._unit_of_bucket_group = {id(u.bucket_group): i for i, u in enumerate(self.units)
                                       if u.bucket_group is not None}
         if cfg.layerwise:
@@ -308,7 +309,11 @@ class LocalSGD:
                     all_reduce_mean_(grad, self.topo.inter_worker_group)
 
     def after_optimizer_step(self, iteration: int) -> Optional[SyncReport]:
+        if self.slow is not None:
+            self.slow.before_sync()
         report = self._after_optimizer_step(iteration)
+        if self.slow is not None:
+            self.slow.after_sync()
         if self.faults is not None:  # after the sync: a fault between syncs
             self.faults.after_optimizer_step(iteration, [s.main for s in self.shards])
         return report

@@ -122,7 +122,8 @@ def test_straggler_run_finishes_with_identical_params(mode):
     bucket in each worker's next forward, at that worker's own pace) and all at once."""
     argv = [a for a in A_EDIT if a != "--no-local-sgd-layerwise" or not mode] + mode
     results = run_training(argv + ["--train-iters", "30", "--local-sgd-sync-time", "1.0",
-                                   "--local-sgd-debug-slow-worker", "1:3", "--pseudo-grad-step-weighted"], 2)
+                                   "--local-sgd-debug-slow-worker", "1:3", "--pseudo-grad-step-weighted",
+                                   "--eval-interval", "8", "--eval-iters", "1"], 2)
     by_worker = {r["worker"]: r for r in results}
     fast, slow = len(by_worker[0]["losses"]), len(by_worker[1]["losses"])
     assert fast > 1.5 * slow, (fast, slow)
@@ -131,6 +132,11 @@ def test_straggler_run_finishes_with_identical_params(mode):
         assert torch.equal(results[0]["params"][name], results[1]["params"][name]), name
     for r in results:
         assert r["losses"][-1] < r["losses"][0] - 0.5
+    # Validation at the first sync after every 8 agreed steps, on both workers at the same agreed step.
+    steps = [step for step, _ in results[0]["validation"]]
+    assert results[0]["validation"] == results[1]["validation"]
+    assert len(steps) >= 3 and steps == sorted(set(steps)) and steps[-1] >= 30, steps
+    assert all(b // 8 > a // 8 for a, b in zip(steps[:-2], steps[1:-1])), steps
 
 
 def test_budget_reached_mid_interval_every_rank_exits():

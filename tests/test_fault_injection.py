@@ -8,6 +8,7 @@ from megatron_edit.fault_injection import (
     SPIKE_FACTOR,
     FaultInjector,
     FaultSpec,
+    SlowWorker,
     corrupt_tokens,
     flip_bit_,
     parse_fault_spec,
@@ -156,3 +157,23 @@ def test_loss_spike_freezes_a_worker_and_the_peer_test_leaves_it_out():
     for iteration in range(14, 25, 2):
         assert events[iteration] and all(n.startswith("w1[") for n in events[iteration]), (iteration, events)
     assert "layer0" in events[24][0]
+
+
+def test_slow_worker_sleeps_for_its_own_step_only():
+    """FACTOR 3: after a 0.5 s step the worker sleeps 1.0 s; time spent in the sync (waiting for the
+    others) is not counted as its step."""
+    now, slept = [100.0], []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        now[0] += seconds
+
+    slow = SlowWorker(3.0, clock=lambda: now[0], sleep=sleep)
+    now[0] += 0.5           # forward, backward, optimizer step
+    slow.before_sync()
+    now[0] += 7.0           # the sync: waiting for the other workers
+    slow.after_sync()
+    now[0] += 0.25
+    slow.before_sync()
+    assert slept == [1.0, 0.5]
+

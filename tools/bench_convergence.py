@@ -7,8 +7,10 @@ training entry on local gloo ranks). Runs are named METHOD or METHOD+FAULT:
 
   sync            synchronous data parallel (no --local-sgd)
   diloco          --local-sgd diloco (all-at-once outer Nesterov step)
-  edit            --local-sgd edit (layer-wise sync + the paper's pseudo-gradient penalty)
-  edit-peer       edit with uniform weights and the two-sided cross-worker test (--pseudo-grad-peer-ratio 4)
+  edit            --local-sgd edit with its defaults (layer-wise sync; penalty: anomaly elimination by the EWMA
+                  z-test and the two-sided peer test, uniform weights over the healthy workers, clipping)
+  edit-paper      edit with the EDiT paper's penalty: softmax(-G/T) weights, no peer test
+                  (--pseudo-grad-weighting norm --pseudo-grad-peer-ratio 0)
   streaming       --local-sgd streaming, 2 fragments, tau 1, fp4-e3m0 wire
   +noise          --local-sgd-debug-corrupt-worker SPEC (gradient noise; old names: diloco-corrupt, edit-corrupt)
   +random-tokens, +repeated-tokens, +loss-spike, +bit-flip
@@ -49,6 +51,7 @@ per iteration, validation points as markers), one log per run (the ranks' stdout
     python tools/bench_convergence.py --seeds 1,2,3 --methods sync,diloco,edit,edit-peer,diloco+loss-spike,edit-peer+loss-spike
     python tools/bench_convergence.py --train-iters 1024 --sync-interval 64 --warmup-iters 64 --eval-interval 128
     python tools/bench_convergence.py --methods sync,edit --hidden-size 256 --extra-args="--adam-beta2 0.95"
+    python tools/bench_convergence.py --seeds 1,2,3 --local-sgd-args="--outer-lr 0.6 --outer-momentum 0.7"
 """
 from __future__ import annotations
 
@@ -67,9 +70,9 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-METHODS = ("sync", "diloco", "edit", "edit-peer", "streaming")
+METHODS = ("sync", "diloco", "edit", "edit-paper", "streaming")
 FAULTS = ("noise", "random-tokens", "repeated-tokens", "loss-spike", "bit-flip")
-ALIASES = {"diloco-corrupt": "diloco+noise", "edit-corrupt": "edit+noise"}
+ALIASES = {"diloco-corrupt": "diloco+noise", "edit-corrupt": "edit+noise", "edit-peer": "edit"}
 DEFAULT_RUNS = ("sync", "diloco", "edit", "diloco+noise", "edit+noise")
 VOCAB = 1024
 
@@ -79,13 +82,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output-dir", default=os.path.join("runs", "bench_convergence"))
     p.add_argument("--methods", default=",".join(DEFAULT_RUNS),
-                   help=f"comma-separated runs METHOD or METHOD+FAULT; METHOD in {','.join(METHODS)} (edit-peer: "
-                        "edit with uniform weighting and --pseudo-grad-peer-ratio 4; streaming: P=2, tau=1, "
+                   help=f"comma-separated runs METHOD or METHOD+FAULT; METHOD in {','.join(METHODS)} (edit-paper: "
+                        "edit with --pseudo-grad-weighting norm --pseudo-grad-peer-ratio 0; streaming: P=2, tau=1, "
                         f"fp4-e3m0 wire), FAULT in {','.join(FAULTS)} (on worker 1; see the module docstring)")
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds: every run once per seed, reported as mean +- std (default: --seed)")
     p.add_argument("--nproc", type=int, default=4, help="ranks (= DP size = workers)")
     p.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
+    p.add_argument("--corpus", choices=sorted(CORPORA), default="shakespeare",
+                   help="tools/prepare_sample_corpus.py --corpus, prepared into --data-dir if missing")
     p.add_argument("--train-iters", type=int, default=192)
     p.add_argument("--sync-interval", type=int, default=16)
     p.add_argument("--warmup-iters", type=int, default=16,
@@ -118,18 +123,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--fault-length", type=int, default=16,
                    help="iterations of the data faults (random-tokens, repeated-tokens); the others hit once")
     p.add_argument("--extra-args", default="", help="more training flags for every run (one string)")
+    p.add_argument("--local-sgd-args", default="",
+                   help="more flags for the local-SGD runs only, e.g. \"--outer-lr 0.6 --outer-momentum 0.7\"")
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def ensure_data(data_dir: str) -> tuple[str, str]:
-    """The default corpus, prepared the way examples/shakespeare_edit.sh does it (only what is missing)."""
+CORPORA = {"shakespeare": "shakespeare", "norvig-big": "norvig_big"}  # --corpus -> file stem
+
+
+def ensure_data(data_dir: str, corpus: str = "shakespeare") -> tuple[str, str]:
+    """A sample corpus (tools/prepare_sample_corpus.py) with its own SentencePiece tokenizer, prepared the
+    way examples/shakespeare_edit.sh does it (only what is missing)."""
     data_dir = os.path.abspath(data_dir)
-    prefix = os.path.join(data_dir, f"shakespeare_sp{VOCAB}")
-    jsonl = os.path.join(data_dir, "shakespeare.jsonl")
+    stem = CORPORA[corpus]
+    prefix = os.path.join(data_dir, f"{stem}_sp{VOCAB}")
+    jsonl = os.path.join(data_dir, f"{stem}.jsonl")
     py = sys.executable
     steps = [
-        (jsonl, [py, "tools/prepare_sample_corpus.py", "--output-dir", data_dir]),
+        (jsonl, [py, "tools/prepare_sample_corpus.py", "--output-dir", data_dir, "--corpus", corpus]),
         (prefix + ".model", [py, "tools/train_tokenizer.py", "--input", jsonl, "--vocab-size", str(VOCAB),
                              "--model-prefix", prefix]),
         (prefix + ".idx", [py, "tools/preprocess_data.py", "--input", jsonl, "--output-prefix", prefix,
@@ -223,11 +235,11 @@ def method_args(name: str, a: argparse.Namespace) -> list[str]:
     method, fault = split_run(name)
     if method == "sync":
         return []
-    base = "edit" if method == "edit-peer" else method
+    base = "edit" if method == "edit-paper" else method
     args = ["--local-sgd", base, "--local-sgd-workers", str(a.nproc),
             "--local-sgd-sync-interval", str(a.sync_interval), "--local-sgd-warmup-iters", str(a.warmup_iters)]
-    if method == "edit-peer":
-        args += ["--pseudo-grad-weighting", "uniform", "--pseudo-grad-peer-ratio", "4"]
+    if method == "edit-paper":
+        args += ["--pseudo-grad-weighting", "norm", "--pseudo-grad-peer-ratio", "0"]
     if fault == "noise":
         args += ["--local-sgd-debug-corrupt-worker", a.corrupt_spec]
     elif fault is not None:
@@ -235,7 +247,25 @@ def method_args(name: str, a: argparse.Namespace) -> list[str]:
         args += ["--local-sgd-debug-fault", f"1:{fault}:{fault_start(a)}{length}"]
     if base == "streaming":
         args += ["--streaming-fragments", "2", "--streaming-overlap-steps", "1", "--outer-grad-dtype", "fp4-e3m0"]
-    return args
+    return args + shlex.split(a.local_sgd_args)
+
+
+def run_logged(tag: str, argv: list[str], a: argparse.Namespace, failures: dict[str, str],
+               label: str = "bench") -> Optional[list[dict]]:
+    """One run on a.nproc local ranks, logged to OUTPUT_DIR/TAG.log; None (and failures[tag] = its last
+    error line) if it failed: one failed run must not hide the others."""
+    from megatron_edit.training.launch import last_line, spawn_training_logged
+
+    log = os.path.join(a.output_dir, f"{tag}.log")
+    if os.path.exists(log):
+        os.remove(log)
+    print(f"[{label}] {tag}: {a.nproc} ranks, {a.train_iters} iterations (log: {log})", flush=True)
+    try:
+        return spawn_training_logged(argv, a.nproc, log, keep_params=False)
+    except Exception as e:
+        failures[tag] = last_line(e)
+        print(f"[{label}] {tag} FAILED: {failures[tag]}", flush=True)
+        return None
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -342,9 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
     os.makedirs(a.output_dir, exist_ok=True)
     tool_start = time.perf_counter()
-    prefix, tokenizer = ensure_data(a.data_dir)
-
-    from megatron_edit.training.launch import last_line, spawn_training_logged
+    prefix, tokenizer = ensure_data(a.data_dir, a.corpus)
 
     worker, scale, prob = a.corrupt_spec.split(":")
     runs: dict[str, dict[int, dict]] = {name: {} for name in names}  # name -> seed -> summary
@@ -353,21 +381,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for seed in seeds:  # seed-major: an interrupted benchmark still has every run for the first seeds
         base = common_args(a, prefix, tokenizer, seed)
         for name in names:
-            argv_run = base + method_args(name, a)
             tag = f"{name}.seed{seed}"
-            log = os.path.join(a.output_dir, f"{tag}.log")
-            if os.path.exists(log):
-                os.remove(log)
-            print(f"[bench] {tag}: {a.nproc} ranks, {a.train_iters} iterations (log: {log})", flush=True)
             t0 = time.perf_counter()
-            try:
-                results = spawn_training_logged(argv_run, a.nproc, log, keep_params=False)
-            except Exception as e:  # one failed run must not hide the others
-                failures[tag] = last_line(e)
-                print(f"[bench] {tag} FAILED after {time.perf_counter() - t0:.0f} s: {failures[tag]}", flush=True)
+            results = run_logged(tag, base + method_args(name, a), a, failures)
+            if results is None:
                 continue
             runs[name][seed] = summarize(results, a.seq_length)
-            sync_logs[name][seed] = parse_sync_lines(log)
+            sync_logs[name][seed] = parse_sync_lines(os.path.join(a.output_dir, f"{tag}.log"))
             s = runs[name][seed]
             print(f"[bench] {tag}: final val {fmt_loss(s['final_val'])}, {time.perf_counter() - t0:.0f} s "
                   f"(training {s['wall_time']:.0f} s)", flush=True)
@@ -412,13 +432,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     hits = {seed: corruption_hits(seed, float(prob), a.train_iters) for seed in seeds}
     notes = [
-        f"Setup: {a.nproc} ranks (DP {a.nproc}; local SGD: {a.nproc} workers of 1 rank), "
+        f"Setup: corpus {a.corpus}, {a.nproc} ranks (DP {a.nproc}; local SGD: {a.nproc} workers of 1 rank), "
         f"{a.num_layers} layers x hidden {a.hidden_size}, seq {a.seq_length}, global batch {a.global_batch_size} "
         f"(micro {a.micro_batch_size}), {a.train_iters} iterations, lr {a.lr} cosine to {a.min_lr} "
         f"(warmup {a.lr_warmup_iters}), --clip-grad {a.clip_grad}, seeds {','.join(map(str, seeds))}, distributed "
         f"optimizer with overlapped grad reduce / param gather, DDP bucket size "
         f"{a.ddp_bucket_size or 16 * a.hidden_size * a.hidden_size}; local SGD: H={a.sync_interval}, "
-        f"{a.warmup_iters} synchronous warmup iterations, outer Nesterov defaults; validation every "
+        f"{a.warmup_iters} synchronous warmup iterations, outer step: {a.local_sgd_args or 'Nesterov defaults'}; validation every "
         f"{a.eval_interval} iterations on {a.eval_iters} batches (the same batches every time, for every run).",
         f"Faults on worker 1: noise = --local-sgd-debug-corrupt-worker {a.corrupt_spec} (noise std {scale}, "
         f"probability {prob}; hits " + "; ".join(f"seed {x}: {compact(h)}" for x, h in hits.items()) + "); "

@@ -108,8 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
     os.makedirs(a.output_dir, exist_ok=True)
     start = time.perf_counter()
-    prefix, tokenizer = bench.ensure_data(a.data_dir)
-    from megatron_edit.training.launch import last_line, spawn_training_logged
+    prefix, tokenizer = bench.ensure_data(a.data_dir, a.corpus)
 
     hs = [int(v) for f, vs in grid if f == "local-sgd-sync-interval" for v in vs] or [a.sync_interval]
     warmups = [int(v) for f, vs in grid if f == "local-sgd-warmup-iters" for v in vs] or [a.warmup_iters]
@@ -124,15 +123,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             label = name if not point else f"{name} {_label(point)}"
             argv_run = base + bench.method_args(name, a) + [x for f, v in point.items() for x in (f"--{f}", v)]
             tag = f"{name}.{'_'.join(f'{k}{v}' for k, v in point.items())}.seed{seed}".replace("/", "_")
-            log = os.path.join(a.output_dir, f"{tag}.log")
-            if os.path.exists(log):
-                os.remove(log)
             t0 = time.perf_counter()
-            try:
-                results = spawn_training_logged(argv_run, a.nproc, log, keep_params=False)
-            except Exception as e:  # one failed point must not hide the others
-                failures[f"{label} seed {seed}"] = last_line(e)
-                print(f"[sweep] {label} seed {seed} FAILED: {last_line(e)}", flush=True)
+            results = bench.run_logged(tag, argv_run, a, failures, label="sweep")
+            if results is None:
                 continue
             final = bench.summarize(results, a.seq_length)["final_val"]
             finals.setdefault(label, {})[seed] = final

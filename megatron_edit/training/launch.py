@@ -78,6 +78,16 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
             snapshots.append([s.main.detach().float().clone() for s in t.local_sgd.shards])
         last[0] = time.perf_counter()
 
+    validation_seconds = []  # seconds since the start of training at each validation (benchmarks)
+    log_validation = trainer.log_validation
+
+    def timed_validation() -> None:
+        done = len(trainer.validation_history)
+        log_validation()
+        if len(trainer.validation_history) > done:
+            validation_seconds.append(time.perf_counter() - start)
+
+    trainer.log_validation = timed_validation
     start = time.perf_counter()
     history = trainer.train(on_step=on_step)
     wall = time.perf_counter() - start
@@ -90,7 +100,8 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
     topo = trainer.topology
     local_sgd = trainer.local_sgd
     result = dict(
-        losses=history, validation=trainer.validation_history, digests=digests, step_times=step_times,
+        losses=history, validation=trainer.validation_history, validation_seconds=validation_seconds,
+        digests=digests, step_times=step_times,
         initial_digest=initial_digest,
         final_shards=[s.main.detach().float().clone() for s in local_sgd.shards] if keep_snapshots else [],
         exposed_comm_seconds=local_sgd.exposed_comm_seconds if local_sgd else 0.0,

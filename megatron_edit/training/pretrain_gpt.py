@@ -140,6 +140,7 @@ class Trainer:
             self.last_saved_iteration = load_checkpoint(self)
             if self.local_sgd is not None and self.local_sgd.faults is not None:
                 self.local_sgd.faults.start_iteration(self.iteration)
+        self.last_eval_step = self.last_saved_iteration or 0
         self.tensorboard = TensorBoard(args.tensorboard_dir if dist.get_rank() == dist.get_world_size() - 1 else None)
         print_rank_0(
             f" > megatron_edit: world {dist.get_world_size()} = TP {args.tensor_model_parallel_size} x PP "
@@ -234,6 +235,19 @@ class Trainer:
             for chunk in self.model:
                 chunk.enable_forward_pre_hook()
 
+    def eval_due(self, report) -> bool:
+        """Every --eval-interval iterations. A-EDiT validates at the first sync at or after each interval
+        (in agreed steps): evaluation is a collective over all workers, and only at a sync are they all at
+        the same point (holding the same parameters)."""
+        if self.args.eval_iters == 0 or self.finished():
+            return False
+        interval = self.args.eval_interval
+        if self.asynchronous and self.iteration > self.local_sgd.cfg.warmup_iters:
+            from megatron_edit.checkpoint.save_load import checkpoint_iteration
+
+            return report is not None and checkpoint_iteration(self) // interval > self.last_eval_step // interval
+        return self.iteration % interval == 0
+
     def save_due(self, report) -> bool:
         """Megatron-LM's --save-interval. A-EDiT saves at the first sync at or after each interval
         (in agreed steps): only at a sync are all workers at the same point."""
@@ -263,10 +277,13 @@ class Trainer:
         if loss is not None:
             from megatron.core import parallel_state as ps
 
-            self.validation_history.append((self.iteration, loss))
+            from megatron_edit.checkpoint.save_load import checkpoint_iteration
+
+            step = self.last_eval_step = checkpoint_iteration(self)  # A-EDiT: the agreed step count
+            self.validation_history.append((step, loss))
             if ps.is_pipeline_last_stage(ignore_virtual=True):
-                print_rank_last(validation_line(self.iteration, {"lm loss": loss}))
-                self.tensorboard.scalars({"lm loss validation": loss}, self.iteration)
+                print_rank_last(validation_line(step, {"lm loss": loss}))
+                self.tensorboard.scalars({"lm loss validation": loss}, step)
 
     def train(self, on_step=None) -> list[float]:
         """Run to --train-iters; ``on_step(trainer)`` is called after every iteration (tests use it)."""
@@ -304,8 +321,7 @@ class Trainer:
                 window_losses = []
                 skipped = nan_iters = 0
                 window_start = time.perf_counter()
-            # A-EDiT evaluates at the end only: a periodic eval would need every worker at the same step.
-            if self.iteration % args.eval_interval == 0 and not self.finished() and not self.asynchronous:
+            if self.eval_due(report):
                 self.log_validation()
             if self.save_due(report):
                 self.save()
