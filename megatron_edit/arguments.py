@@ -83,6 +83,10 @@ def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--pseudo-grad-peer-ratio", type=float, default=None, metavar="R",
                    help="edit/a-edit: a worker whose norm is more than R times above or below the workers' "
                         "median (same sync, same layer) is anomalous (default 4; 0 disables)")
+    g.add_argument("--pseudo-grad-loss-ratio", type=float, default=None, metavar="Q",
+                   help="edit/a-edit: a worker whose mean training loss since the last sync is more than Q "
+                        "times above or below the workers' median is anomalous in every layer, e.g. a bad "
+                        "data shard (default 1.1; 0 disables; needs >= 3 workers)")
     g.add_argument("--pseudo-grad-step-weighted", action="store_true",
                    help="a-edit: weight pseudo-gradients by inner steps since the last sync")
     g.add_argument("--local-sgd-layerwise", dest="local_sgd_layerwise", action="store_true", default=None)

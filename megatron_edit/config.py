@@ -16,6 +16,7 @@ PENALTY_METHODS = ("edit", "a-edit")
 OUTER_OPTIMIZERS = ("nesterov", "sgd", "average")
 WEIGHTINGS = ("uniform", "norm")
 DEFAULT_PEER_RATIO = 4.0  # edit/a-edit: chosen from tools/bench_convergence.py (README "Choosing H ...")
+DEFAULT_LOSS_RATIO = 1.1  # edit/a-edit: healthy workers' interval losses agree to ~2% (loss_outliers)
 STREAMING_PATTERNS = ("strided", "sequential")
 OUTER_GRAD_DTYPES = ("fp32", "bf16", "fp8-e4m3", "fp8-e5m2", "fp4-e3m0", "fp4-e2m1", "int8", "int4")
 
@@ -44,6 +45,7 @@ class LocalSGDConfig:
     ewma_warmup: int = 3
     weighting: str = "uniform"  # "norm": the EDiT paper's softmax(-G/T) (see pseudo_grad_penalty.py: why not default)
     peer_ratio: Optional[float] = None  # R of the two-sided cross-worker test (peer_outliers): 4 for edit/a-edit
+    loss_ratio: Optional[float] = None  # Q of the cross-worker loss test (loss_outliers): 1.1 for edit/a-edit
     step_weighted: bool = False  # a-edit: weight pseudo-gradients by inner steps since the last sync
     layerwise: Optional[bool] = None  # on for edit/a-edit
     offload_outer_state: bool = False
@@ -67,7 +69,7 @@ class LocalSGDConfig:
         _check_choice("outer_optimizer", self.outer_optimizer, OUTER_OPTIMIZERS)
         _check_choice("streaming_pattern", self.streaming_pattern, STREAMING_PATTERNS)
         has_penalty = self.method in PENALTY_METHODS
-        for name in ("pseudo_grad_clip", "anomaly_threshold", "weighting", "peer_ratio"):
+        for name in ("pseudo_grad_clip", "anomaly_threshold", "weighting", "peer_ratio", "loss_ratio"):
             if name in self.explicit and not has_penalty:
                 raise ConfigError(
                     f"{flag(name)} needs a method with a pseudo-gradient penalty "
@@ -79,6 +81,8 @@ class LocalSGDConfig:
             self.anomaly_threshold = 3.0 if has_penalty else 0.0
         if self.peer_ratio is None:
             self.peer_ratio = DEFAULT_PEER_RATIO if has_penalty else 0.0
+        if self.loss_ratio is None:
+            self.loss_ratio = DEFAULT_LOSS_RATIO if has_penalty else 0.0
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         if self.layerwise is None:
             self.layerwise = has_penalty
@@ -106,8 +110,10 @@ class LocalSGDConfig:
             raise ConfigError(f"{flag('pseudo_grad_clip')} {self.pseudo_grad_clip} must be > 0")
         if not self.anomaly_threshold >= 0:  # also rejects NaN
             raise ConfigError(f"{flag('anomaly_threshold')} {self.anomaly_threshold} must be >= 0 (0 disables)")
-        if self.peer_ratio != 0 and not 1 < self.peer_ratio < float("inf"):  # also rejects NaN
-            raise ConfigError(f"{flag('peer_ratio')} {self.peer_ratio} must be > 1 (0 disables)")
+        for name in ("peer_ratio", "loss_ratio"):
+            value = getattr(self, name)
+            if value != 0 and not 1 < value < float("inf"):  # also rejects NaN
+                raise ConfigError(f"{flag(name)} {value} must be > 1 (0 disables)")
         if not 0 < self.ewma_alpha <= 1:
             raise ConfigError(f"{flag('ewma_alpha')} {self.ewma_alpha} must be in (0, 1]")
         if self.ewma_warmup < 0:
@@ -211,6 +217,7 @@ FLAG_OF = {
     "ewma_warmup": "pseudo-grad-ewma-warmup",
     "weighting": "pseudo-grad-weighting",
     "peer_ratio": "pseudo-grad-peer-ratio",
+    "loss_ratio": "pseudo-grad-loss-ratio",
     "step_weighted": "pseudo-grad-step-weighted",
     "layerwise": "local-sgd-layerwise",
     "offload_outer_state": "local-sgd-offload-outer-state",

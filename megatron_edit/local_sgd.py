@@ -24,6 +24,7 @@ The math lives in outer_optimizer.py and pseudo_grad_penalty.py; this file moves
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -51,6 +52,8 @@ from megatron_edit.pseudo_grad_penalty import (
     PenaltyConfig,
     clip_coefficient,
     init_stats,
+    loss_outliers,
+    median_of_finite,
     penalty_weights,
 )
 from megatron_edit.quantized_collectives import launch_quantized_all_reduce_mean, predicted_bytes_sent
@@ -148,9 +151,15 @@ class LocalSGD:
             self.penalty_cfg = PenaltyConfig(
                 anomaly_threshold=cfg.anomaly_threshold, ewma_alpha=cfg.ewma_alpha,
                 ewma_warmup=max(1, cfg.ewma_warmup), weighting=cfg.weighting, clip=cfg.pseudo_grad_clip,
-                peer_ratio=cfg.peer_ratio,
+                peer_ratio=cfg.peer_ratio, loss_ratio=cfg.loss_ratio,
             )
         self.stats = init_stats(self.L, self.device)
+        # Loss test: this rank's [sum, count] of per-token training losses since the last sync (the last
+        # pipeline stage only; reduced over the worker at the sync, riding on the norms' collectives).
+        self.loss_test = self.penalty_cfg is not None and self.penalty_cfg.loss_ratio > 0
+        self._loss_acc = torch.zeros(2, dtype=torch.float32, device=self.device)
+        if self.loss_test and ps.is_pipeline_last_stage(ignore_virtual=True):
+            model_chunks[-1].register_forward_hook(self._record_loss)
         self.bytes_sent_total = 0  # predicted at each sync (what the log line reports)
         self.bytes_sent_measured = 0  # what the collectives reported when launched (tests compare)
         self._check_inter_group_order()
@@ -380,6 +389,32 @@ class LocalSGD:
                     noise = torch.randn(bucket.grad_data.shape, generator=gen) * scale
                     bucket.grad_data.add_(noise.to(bucket.grad_data.device, bucket.grad_data.dtype))
 
+    def _record_loss(self, module, args, output) -> None:
+        """Forward hook of the last model chunk: GPTModel returns the per-token loss [b, s] when given
+        labels (training); logits (3-D) and evaluation are ignored. No host synchronisation."""
+        if module.training and torch.is_tensor(output) and output.dim() == 2 and output.is_floating_point():
+            self._loss_acc[0] += output.detach().float().sum()
+            self._loss_acc[1] += output.numel()
+
+    def losses_since_sync(self) -> torch.Tensor:
+        """[W, 2]: every worker's (sum, count) of training losses since the last sync, on every rank (a
+        worker's TP ranks each count the same tokens, which the mean does not notice). Collective."""
+        W = self.topo.num_workers
+        local = self._loss_acc.clone()
+        dist.all_reduce(local, group=self.topo.worker_group)
+        gathered = torch.zeros(W * 2, dtype=torch.float32, device=self.device)
+        if self.topo.inter_worker_group is not None:
+            dist.all_gather_into_tensor(gathered, local, group=self.topo.inter_worker_group)
+        else:
+            gathered.copy_(local)
+        return gathered.view(W, 2)
+
+    def restore_losses_since_sync(self, saved: torch.Tensor) -> None:
+        """Inverse of losses_since_sync after a load: the worker's totals on its first rank."""
+        self._loss_acc.zero_()
+        if self.topo.worker_group is None or dist.get_rank(self.topo.worker_group) == 0:
+            self._loss_acc.copy_(saved[self.topo.worker_index].to(self.device))
+
     # ------------------------------------------------------------------ the sync
     def sync(self, iteration: int, unit_indices: Optional[list[int]] = None) -> SyncReport:
         """Start a sync of the given units (all by default). All-at-once and streaming with tau = 0
@@ -448,14 +483,18 @@ class LocalSGD:
     def _norm_bytes(self) -> int:
         """The all-gather of this worker's per-layer norms to the other workers."""
         group = self.topo.inter_worker_group
-        return 0 if group is None else (group.size() - 1) * self.L * 4
+        return 0 if group is None else (group.size() - 1) * (self.L + (2 if self.loss_test else 0)) * 4
 
     def _compute_weights(self, shards: list[OuterShard], step_weights: Optional[torch.Tensor] = None):
         """G [W, L] on every rank, then this worker's weight per layer (and the skip mask). The squared
         norms are taken chunk by chunk through one scratch buffer (``torch.dot``: no temporary of a
         shard's size), in the engine's global shard order."""
         W = self.topo.num_workers
-        local = torch.zeros(self.L, dtype=torch.float32, device=self.device)
+        extra = 2 if self.loss_test else 0  # the loss test's (sum, count) ride along
+        local = torch.zeros(self.L + extra, dtype=torch.float32, device=self.device)
+        if extra:
+            local[self.L:] = self._loss_acc
+            self._loss_acc.zero_()
         counted = [s for s in shards if s.count_in_worker_norm]
         size = min(self.cfg.sync_chunk_size, max((s.main.numel() for s in counted), default=0))
         scratch = torch.empty(size, dtype=torch.float32, device=self.device)
@@ -469,18 +508,28 @@ class LocalSGD:
                 local[s.key] += torch.dot(delta, delta)
         del scratch
         dist.all_reduce(local, group=self.topo.worker_group)
-        gathered = torch.zeros(W * self.L, dtype=torch.float32, device=self.device)
+        gathered = torch.zeros(W * (self.L + extra), dtype=torch.float32, device=self.device)
         if self.topo.inter_worker_group is not None:
             dist.all_gather_into_tensor(gathered, local, group=self.topo.inter_worker_group)
         else:
             gathered.copy_(local)
-        norms = gathered.view(W, self.L).sqrt()
+        gathered = gathered.view(W, self.L + extra)
+        norms = gathered[:, :self.L].sqrt()
+        losses = None
+        if extra:
+            count = gathered[:, self.L + 1]
+            losses = torch.where(count > 0, gathered[:, self.L] / count.clamp_min(1), torch.full_like(count, math.nan))
         anomalous_names: list[str] = []
         if self.penalty_cfg is not None:
-            weights, skip, anomalous, self.stats = penalty_weights(norms, self.stats, self.penalty_cfg, step_weights)
+            weights, skip, anomalous, self.stats = penalty_weights(norms, self.stats, self.penalty_cfg, step_weights,
+                                                                   losses)
+            by_loss = loss_outliers(losses, self.penalty_cfg.loss_ratio).tolist() if extra else [False] * W
             for w in range(W):
                 layers = anomalous[w].nonzero().flatten().tolist()
-                if layers:
+                if layers and by_loss[w]:  # excluded in every layer for its loss
+                    median = float(median_of_finite(losses)[0])
+                    anomalous_names.append(f"w{w}[loss {float(losses[w]):.3f} vs median {median:.3f}]")
+                elif layers:
                     anomalous_names.append(f"w{w}[{' '.join(layer_key_name(k, self.num_layers) for k in layers)}]")
         else:
             # No penalty: the plain mean over workers, except that a worker whose delta is NaN/Inf in a

@@ -10,7 +10,9 @@ Per sync and per layer (a transformer layer, the embedding, or the output layer 
    +1e6 sentinel into its statistics; SPEC 8). If every worker is anomalous the layer skips its outer
    step (``skip``).
    Optionally (``peer_ratio`` R > 0, ``--pseudo-grad-peer-ratio``) the test is also two-sided and made
-   against the other workers at the same sync: see :func:`peer_outliers`.
+   against the other workers at the same sync: see :func:`peer_outliers`. And (``loss_ratio`` Q > 0,
+   ``--pseudo-grad-loss-ratio``) a worker whose training loss since the last sync is an outlier against
+   the other workers' is anomalous in every layer: see :func:`loss_outliers`.
 2. Weighted averaging: ``softmax(-G_w / T)`` over the non-anomalous workers (smaller norm, larger
    weight), or uniform weights. Optionally (A-EDiT, SPEC 2.3) multiplied by the number of inner steps
    each worker took since the last sync, then renormalised.
@@ -25,7 +27,7 @@ and sums ``weighted_sum_contribution(delta_w, weights[w, l])`` over workers. It 
 ``skip`` (expanded to the shard's elements) to ``outer_optimizer.outer_step``.
 
 Defaults of ``--local-sgd edit`` / ``a-edit`` (``config.py``): the EWMA z-test, the peer test with R = 4,
-uniform weights over the healthy workers, clipping. Not the paper's ``softmax(-G/T)``: it gives the
+the loss test with Q = 1.1 (:func:`loss_outliers`: a bad data shard, which no norm test sees), uniform weights over the healthy workers, clipping. Not the paper's ``softmax(-G/T)``: it gives the
 largest weight to the smallest norm, and in practice the smallest norm belongs to a worker that stopped
 learning (after a loss spike or a burst of gradient noise its Adam second moments blew up and froze it),
 not to the most trustworthy one; its weights also grow without bound as a norm shrinks. Measured with
@@ -75,6 +77,8 @@ class PenaltyConfig:
             disables.
         peer_ratio: R of the cross-worker test (``--pseudo-grad-peer-ratio``, :func:`peer_outliers`); 0
             disables it (the paper has only the one-sided test against the history).
+        loss_ratio: Q of the cross-worker loss test (``--pseudo-grad-loss-ratio``, :func:`loss_outliers`);
+            0 disables it.
     """
 
     anomaly_threshold: float = 3.0
@@ -84,6 +88,7 @@ class PenaltyConfig:
     temperature: float = 1.0
     clip: float | None = 10.0
     peer_ratio: float = 0.0
+    loss_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.anomaly_threshold) and self.anomaly_threshold >= 0.0):
@@ -105,6 +110,10 @@ class PenaltyConfig:
         if not (math.isfinite(self.peer_ratio) and (self.peer_ratio == 0.0 or self.peer_ratio > 1.0)):
             raise ValueError(
                 f"PenaltyConfig.peer_ratio (--pseudo-grad-peer-ratio) {self.peer_ratio} must be > 1 (0 disables)"
+            )
+        if not (math.isfinite(self.loss_ratio) and (self.loss_ratio == 0.0 or self.loss_ratio > 1.0)):
+            raise ValueError(
+                f"PenaltyConfig.loss_ratio (--pseudo-grad-loss-ratio) {self.loss_ratio} must be > 1 (0 disables)"
             )
         if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0.0):
             raise ValueError(f"PenaltyConfig.clip (--pseudo-grad-clip) {self.clip} must be > 0 (None disables)")
@@ -169,6 +178,7 @@ def penalty_weights(
     stats: PenaltyStats,
     cfg: PenaltyConfig,
     step_weights: Tensor | None = None,
+    losses: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, PenaltyStats]:
     """Per-worker, per-layer averaging weights of EDiT's pseudo-gradient penalty (Algorithm 2).
 
@@ -180,6 +190,8 @@ def penalty_weights(
         step_weights: optional [W], A-EDiT step-aware averaging (SPEC 2.3): the number of inner steps each
             worker took since the last sync, non-negative and finite. The weights are multiplied by it and
             renormalised over the non-anomalous workers; if that sum is 0 the unmultiplied weights are kept.
+        losses: optional [W], each worker's mean training loss since the last sync (NaN: unknown). With
+            ``cfg.loss_ratio > 0`` a worker that :func:`loss_outliers` flags is anomalous in every layer.
 
     Returns:
         weights: fp32 [W, L]; each non-skipped column sums to 1 over the non-anomalous workers, anomalous
@@ -233,6 +245,11 @@ def penalty_weights(
         outlier = below_history = torch.zeros_like(anomalous)
     if cfg.peer_ratio > 0.0:
         anomalous = anomalous | peer_outliers(norms, cfg.peer_ratio, outlier, below_history)
+    if cfg.loss_ratio > 0.0 and losses is not None:
+        if losses.shape != (num_workers,):
+            raise ValueError(f"penalty_weights: losses must be [{num_workers}], got {tuple(losses.shape)}")
+        anomalous = anomalous | loss_outliers(losses.to(device=norms.device, dtype=torch.float32),
+                                              cfg.loss_ratio).unsqueeze(1)
     ok = ~anomalous
     num_ok = ok.sum(dim=0)  # [L], int64
     skip = num_ok == 0
@@ -284,19 +301,41 @@ def peer_outliers(norms: Tensor, ratio: float, above_history: Tensor, below_hist
     - n < 2: never.
     Non-finite norms are handled by the caller (always anomalous). No host synchronisation.
     """
-    num_workers = norms.shape[0]
     finite = torch.isfinite(norms)
-    n = finite.sum(dim=0)  # [L]
-    ordered = torch.where(finite, norms, torch.full_like(norms, math.inf)).sort(dim=0).values
-    lower = ((n - 1).clamp_min(0) // 2).unsqueeze(0)
-    upper = (n // 2).clamp(max=num_workers - 1).unsqueeze(0)
-    median = (ordered.gather(0, lower) + ordered.gather(0, upper)).squeeze(0) / 2.0  # [L]
+    median, n = median_of_finite(norms)  # [L]
     high = norms > ratio * median
     low = norms * ratio < median
     decisive = (n >= 3).unsqueeze(0)
     return finite & (n >= 2).unsqueeze(0) & (
         (decisive & (high | low)) | (high & above_history) | (low & below_history)
     )
+
+
+def median_of_finite(values: Tensor) -> tuple[Tensor, Tensor]:
+    """(median over dim 0 of the finite entries, their count); even count: the mean of the two middle ones."""
+    finite = torch.isfinite(values)
+    n = finite.sum(dim=0)
+    ordered = torch.where(finite, values, torch.full_like(values, math.inf)).sort(dim=0).values
+    lower = ((n - 1).clamp_min(0) // 2).unsqueeze(0)
+    upper = (n // 2).clamp(max=values.shape[0] - 1).unsqueeze(0)
+    return (ordered.gather(0, lower) + ordered.gather(0, upper)).squeeze(0) / 2.0, n
+
+
+def loss_outliers(losses: Tensor, ratio: float) -> Tensor:
+    """bool [W]: workers whose mean training loss since the last sync is more than ``ratio`` times above or
+    below the median of the workers' losses (finite ones, at least 3; NaN = unknown, never flagged).
+
+    Why: a worker training on a bad data shard (random, repeated or mis-tokenized tokens) has ordinary
+    pseudo-gradient norms, so no norm test sees it; its loss does. Healthy workers see the same data
+    distribution, so their losses over an interval agree closely (within 1.6% in
+    tests/test_fault_injection.py with only 256 tokens per worker and interval; the spread shrinks as
+    1/sqrt(tokens)); random tokens sit at ln(vocab) (above), a degenerate shard near 0 (far below). Two workers cannot say which one is
+    wrong and the loss has no history here, so fewer than 3 finite losses flag nobody. A non-finite
+    training loss comes with non-finite pseudo-gradients, which the norm rule already catches.
+    """
+    median, n = median_of_finite(losses)
+    finite = torch.isfinite(losses)
+    return finite & (n >= 3) & ((losses > ratio * median) | (losses * ratio < median))
 
 
 def _update_stats(norms: Tensor, ok: Tensor, stats: PenaltyStats, alpha: float) -> PenaltyStats:

@@ -159,6 +159,23 @@ def test_loss_spike_freezes_a_worker_and_the_peer_test_leaves_it_out():
     assert "layer0" in events[24][0]
 
 
+def test_bad_data_shard_is_left_out_by_the_loss_test():
+    """Worker 2 trains on random tokens for iterations 7-12 (--local-sgd edit defaults otherwise: uniform
+    weights, peer test). Its norms look ordinary, its loss since the last sync does not: ~ln 255 = 5.56
+    against the others' 5.16, 5.05, 4.93 (this tiny model is still near chance; Q = 1.05 here, measured
+    healthy spread <= 1.6% with 256 tokens per worker and interval). The loss test flags worker 2, and
+    only it, at the syncs of iterations 8, 10 and 12; nobody before or after (the sync at 12 reset it)."""
+    argv = PEER_EDIT[:-4]  # without the explicit weighting and peer ratio: edit's defaults
+    assert "--pseudo-grad-peer-ratio" not in argv
+    results = run_training(argv + ["--local-sgd-debug-fault", "2:random-tokens:7:6", "--pseudo-grad-loss-ratio",
+                                   "1.05"], 4)
+    events = dict(results[0]["sync_anomalous"])
+    assert sorted(events) == list(range(2, 25, 2))
+    assert all(events[i] == [] for i in (2, 4, 6, 14, 16, 18, 20, 22, 24)), events
+    for iteration in (8, 10, 12):
+        assert len(events[iteration]) == 1 and events[iteration][0].startswith("w2[loss "), (iteration, events)
+
+
 def test_slow_worker_sleeps_for_its_own_step_only():
     """FACTOR 3: after a 0.5 s step the worker sleeps 1.0 s; time spent in the sync (waiting for the
     others) is not counted as its step."""

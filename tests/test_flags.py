@@ -250,10 +250,21 @@ def test_stochastic_rounding_needs_a_quantized_wire():
     fails(LSGD + ["--outer-grad-stochastic-rounding"], 4, "--outer-grad-stochastic-rounding needs --local-sgd")
 
 
+@pytest.mark.parametrize("flag_name", ["--pseudo-grad-peer-ratio", "--pseudo-grad-loss-ratio"])
 @pytest.mark.parametrize("value", ["1", "0.5", "-2", "nan", "inf"])
-def test_peer_ratio_above_one_or_zero(value):
-    fails(LSGD + ["--local-sgd", "edit", "--pseudo-grad-peer-ratio", value], 4,
-          "--pseudo-grad-peer-ratio", "> 1 (0 disables)")
+def test_peer_and_loss_ratio_above_one_or_zero(flag_name, value):
+    fails(LSGD + ["--local-sgd", "edit", flag_name, value], 4, flag_name, "> 1 (0 disables)")
+
+
+def test_loss_ratio_defaults_and_needs_a_penalty():
+    _, cfg = ok(LSGD + ["--local-sgd", "a-edit"])
+    assert cfg.loss_ratio == 1.1
+    _, cfg = ok(LSGD + ["--local-sgd", "edit", "--pseudo-grad-loss-ratio", "0"])
+    assert cfg.loss_ratio == 0.0
+    _, cfg = ok(LSGD + ["--local-sgd", "streaming"])
+    assert cfg.loss_ratio == 0.0
+    fails(LSGD + ["--local-sgd", "diloco", "--pseudo-grad-loss-ratio", "1.2"], 4, "--pseudo-grad-loss-ratio",
+          "--local-sgd edit or a-edit")
 
 
 def test_peer_ratio_reaches_the_penalty():
@@ -349,7 +360,7 @@ def test_edit_defaults(method):
     _, cfg = ok(LSGD + ["--local-sgd", method])
     assert cfg.pseudo_grad_clip == 10.0
     assert cfg.anomaly_threshold == 3.0
-    assert (cfg.weighting, cfg.peer_ratio) == ("uniform", 4.0)  # the paper's: --pseudo-grad-weighting norm
+    assert (cfg.weighting, cfg.peer_ratio, cfg.loss_ratio) == ("uniform", 4.0, 1.1)  # paper: norm, 0, 0
     assert cfg.layerwise is True
     assert cfg.outer_grad_dtype == "fp32"
     assert (cfg.outer_lr, cfg.outer_momentum, cfg.sync_interval) == (0.8, 0.85, 128)

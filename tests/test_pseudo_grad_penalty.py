@@ -12,6 +12,7 @@ from megatron_edit.pseudo_grad_penalty import (
     PenaltyStats,
     clip_coefficient,
     init_stats,
+    loss_outliers,
     peer_outliers,
     penalty_weights,
     weighted_sum_contribution,
@@ -402,6 +403,28 @@ def test_peer_test_ignores_nonfinite_peers_and_zero_ratio_is_the_paper():
         assert torch.equal(a, b)
     with_peers = penalty_weights(norms, stats, PenaltyConfig(peer_ratio=4.0))
     assert with_peers[2][4].any()  # the worker at 1/100 is flagged somewhere
+
+
+def test_loss_test_flags_a_bad_shard_both_ways_in_every_layer():
+    """Losses since the last sync: random tokens (ln 1024 = 6.93) and a degenerate shard (0.4) against
+    healthy workers at 4.3-4.5 (Q = 1.25). Flagged in every layer although their norms are ordinary;
+    healthy spread, unknown (NaN) losses and fewer than 3 finite losses flag nobody."""
+    cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=0.0, loss_ratio=1.25)
+    norms = torch.ones(5, 3)
+    losses = torch.tensor([4.3, 6.93, 4.5, 0.4, 4.4])
+    weights, skip, anomalous, _ = penalty_weights(norms, init_stats(3), cfg, losses=losses)
+    assert anomalous.tolist() == [[False] * 3, [True] * 3, [False] * 3, [True] * 3, [False] * 3]
+    torch.testing.assert_close(weights[:, 0], torch.tensor([1 / 3, 0, 1 / 3, 0, 1 / 3]), rtol=1e-7, atol=0)
+    assert not skip.any()
+    assert loss_outliers(torch.tensor([4.0, 4.9, 4.2, 3.3]), 1.25).tolist() == [False] * 4  # within 1.25x
+    assert loss_outliers(torch.tensor([4.0, 9.0, NAN]), 1.25).tolist() == [False] * 3  # 2 finite: undecided
+    assert loss_outliers(torch.tensor([4.0, 9.0, NAN, 4.1]), 1.25).tolist() == [False, True, False, False]
+    # even count: the median is the mean of the two middle ones (4.15 here)
+    assert loss_outliers(torch.tensor([4.0, 4.1, 6.9, 4.2]), 1.25).tolist() == [False, False, True, False]
+    # ratio 0 (off) or no losses given: the norms alone decide
+    off = PenaltyConfig(weighting="uniform", anomaly_threshold=0.0, loss_ratio=0.0)
+    assert not penalty_weights(norms, init_stats(3), off, losses=losses)[2].any()
+    assert not penalty_weights(norms, init_stats(3), cfg)[2].any()
 
 
 def test_config_validation_names_the_field():

@@ -8,7 +8,8 @@ Shared by megatron_edit's own entry (save_load.py: our checkpoint files) and Meg
   fragments in flight ``local_sgd.inflight.<key>`` and the error-feedback residuals (per worker:
   ``local_sgd.worker{w}.local_sgd.error_feedback.<key>``);
 - metadata (``metadata()``): penalty statistics, the fragments in flight and their skip masks, the unit
-  layout and sync schedule, the fault-injection generator, A-EDiT's agreed samples.
+  layout and sync schedule, the fault-injection generator, A-EDiT's agreed samples, the loss test's
+  per-worker (sum, count) of training losses since the last sync.
 
 What a checkpoint holds is decided by a ``LocalSGDPlan``: at save from the engine (``plan_for_save``,
 collective), at load from the saved metadata (``plan_for_load``), so a load asks for exactly what was
@@ -159,6 +160,7 @@ def metadata(ls, plan: LocalSGDPlan) -> dict:
         schedule=schedule_signature(ls),
         corrupt_generator=ls._corrupt_gen.get_state(),
         agreed_samples=ls.async_ctl.agreed_samples if ls.async_ctl is not None else None,
+        losses_since_sync=ls.losses_since_sync().cpu() if ls.loss_test else None,  # collective
     )
 
 
@@ -193,6 +195,9 @@ def apply(ls, plan: LocalSGDPlan, meta: dict, loaded: dict, params_of: dict, pas
         ls.stats.load_state_dict({k: v.to(ls.device) for k, v in meta["penalty_stats"].items()})
     if meta.get("corrupt_generator") is not None:
         ls._corrupt_gen.set_state(meta["corrupt_generator"])
+    saved_losses = meta.get("losses_since_sync")
+    if ls.loss_test and saved_losses is not None and saved_losses.shape[0] == ls.topo.num_workers:
+        ls.restore_losses_since_sync(saved_losses)
     if plan.inflight_units:
         flats = unit_flats("inflight")
         for record in meta["inflight"]:
