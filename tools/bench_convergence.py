@@ -8,9 +8,10 @@ training entry on local gloo ranks). Runs are named METHOD or METHOD+FAULT:
   sync            synchronous data parallel (no --local-sgd)
   diloco          --local-sgd diloco (all-at-once outer Nesterov step)
   edit            --local-sgd edit with its defaults (layer-wise sync; penalty: anomaly elimination by the EWMA
-                  z-test and the two-sided peer test, uniform weights over the healthy workers, clipping)
-  edit-paper      edit with the EDiT paper's penalty: softmax(-G/T) weights, no peer test
-                  (--pseudo-grad-weighting norm --pseudo-grad-peer-ratio 0)
+                  z-test, the two-sided peer test and the loss test, uniform weights over the healthy
+                  workers, clipping)
+  edit-paper      edit with the EDiT paper's penalty: softmax(-G/T) weights, no peer or loss test
+                  (--pseudo-grad-weighting norm --pseudo-grad-peer-ratio 0 --pseudo-grad-loss-ratio 0)
   streaming       --local-sgd streaming, 2 fragments, tau 1, fp4-e3m0 wire
   +noise          --local-sgd-debug-corrupt-worker SPEC (gradient noise; old names: diloco-corrupt, edit-corrupt)
   +random-tokens, +repeated-tokens, +loss-spike, +bit-flip
@@ -83,7 +84,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=os.path.join("runs", "bench_convergence"))
     p.add_argument("--methods", default=",".join(DEFAULT_RUNS),
                    help=f"comma-separated runs METHOD or METHOD+FAULT; METHOD in {','.join(METHODS)} (edit-paper: "
-                        "edit with --pseudo-grad-weighting norm --pseudo-grad-peer-ratio 0; streaming: P=2, tau=1, "
+                        "edit with the paper's penalty, see the module docstring; streaming: P=2, tau=1, "
                         f"fp4-e3m0 wire), FAULT in {','.join(FAULTS)} (on worker 1; see the module docstring)")
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds: every run once per seed, reported as mean +- std (default: --seed)")
@@ -123,6 +124,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--fault-length", type=int, default=16,
                    help="iterations of the data faults (random-tokens, repeated-tokens); the others hit once")
     p.add_argument("--extra-args", default="", help="more training flags for every run (one string)")
+    p.add_argument("--reuse-results", default="",
+                   help="comma-separated results.json of earlier invocations with the same setup: the runs "
+                        "(name and seed) found there are reported without running them again")
     p.add_argument("--local-sgd-args", default="",
                    help="more flags for the local-SGD runs only, e.g. \"--outer-lr 0.6 --outer-momentum 0.7\"")
     return p.parse_args(argv)
@@ -239,7 +243,7 @@ def method_args(name: str, a: argparse.Namespace) -> list[str]:
     args = ["--local-sgd", base, "--local-sgd-workers", str(a.nproc),
             "--local-sgd-sync-interval", str(a.sync_interval), "--local-sgd-warmup-iters", str(a.warmup_iters)]
     if method == "edit-paper":
-        args += ["--pseudo-grad-weighting", "norm", "--pseudo-grad-peer-ratio", "0"]
+        args += ["--pseudo-grad-weighting", "norm", "--pseudo-grad-peer-ratio", "0", "--pseudo-grad-loss-ratio", "0"]
     if fault == "noise":
         args += ["--local-sgd-debug-corrupt-worker", a.corrupt_spec]
     elif fault is not None:
@@ -248,6 +252,29 @@ def method_args(name: str, a: argparse.Namespace) -> list[str]:
     if base == "streaming":
         args += ["--streaming-fragments", "2", "--streaming-overlap-steps", "1", "--outer-grad-dtype", "fp4-e3m0"]
     return args + shlex.split(a.local_sgd_args)
+
+
+REUSE_IGNORED = ("output_dir", "methods", "seeds", "seed", "reuse_results")
+
+
+def load_reused(paths: str, a: argparse.Namespace) -> tuple[dict, dict]:
+    """({name: {seed: summary}}, {name: {seed: sync lines}}) from earlier results.json files, refusing
+    (one line) a file whose setup differs from this invocation's in anything but the runs and seeds."""
+    runs: dict = {}
+    syncs: dict = {}
+    for path in [x for x in paths.split(",") if x]:
+        with open(path) as f:
+            data = json.load(f)
+        mine = {k: v for k, v in vars(a).items() if k not in REUSE_IGNORED}
+        theirs = {k: v for k, v in data["args"].items() if k not in REUSE_IGNORED}
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if differ:
+            raise SystemExit(f"--reuse-results {path}: its setup differs in {', '.join('--' + k.replace('_', '-') for k in differ)}")
+        for name, per_seed in data["runs"].items():
+            runs.setdefault(name, {}).update({int(seed): v for seed, v in per_seed.items()})
+        for name, per_seed in data.get("sync_lines", {}).items():
+            syncs.setdefault(name, {}).update({int(seed): v for seed, v in per_seed.items()})
+    return runs, syncs
 
 
 def run_logged(tag: str, argv: list[str], a: argparse.Namespace, failures: dict[str, str],
@@ -378,10 +405,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs: dict[str, dict[int, dict]] = {name: {} for name in names}  # name -> seed -> summary
     failures: dict[str, str] = {}
     sync_logs: dict[str, dict[int, list]] = {name: {} for name in names}
+    reused, reused_syncs = load_reused(a.reuse_results, a)
     for seed in seeds:  # seed-major: an interrupted benchmark still has every run for the first seeds
         base = common_args(a, prefix, tokenizer, seed)
         for name in names:
             tag = f"{name}.seed{seed}"
+            if seed in reused.get(name, {}):
+                runs[name][seed] = reused[name][seed]
+                sync_logs[name][seed] = reused_syncs.get(name, {}).get(seed, [])
+                print(f"[bench] {tag}: reused, final val {fmt_loss(runs[name][seed]['final_val'])}", flush=True)
+                continue
             t0 = time.perf_counter()
             results = run_logged(tag, base + method_args(name, a), a, failures)
             if results is None:
