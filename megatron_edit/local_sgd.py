@@ -156,7 +156,9 @@ class LocalSGD:
         self.stats = init_stats(self.L, self.device)
         # Loss test: this rank's [sum, count] of per-token training losses since the last sync (the last
         # pipeline stage only; reduced over the worker at the sync, riding on the norms' collectives).
-        self.loss_test = self.penalty_cfg is not None and self.penalty_cfg.loss_ratio > 0
+        # It needs 3 workers to decide anything (loss_outliers), so with fewer it costs nothing.
+        self.loss_test = (self.penalty_cfg is not None and self.penalty_cfg.loss_ratio > 0
+                          and topology.num_workers >= 3)
         self._loss_acc = torch.zeros(2, dtype=torch.float32, device=self.device)
         if self.loss_test and ps.is_pipeline_last_stage(ignore_virtual=True):
             model_chunks[-1].register_forward_hook(self._record_loss)
