@@ -398,18 +398,21 @@ class LocalSGD:
             self._loss_acc[0] += output.detach().float().sum()
             self._loss_acc[1] += output.numel()
 
-    def losses_since_sync(self) -> torch.Tensor:
-        """[W, 2]: every worker's (sum, count) of training losses since the last sync, on every rank (a
-        worker's TP ranks each count the same tokens, which the mean does not notice). Collective."""
-        W = self.topo.num_workers
-        local = self._loss_acc.clone()
+    def _sum_in_worker_gather_across(self, local: torch.Tensor) -> torch.Tensor:
+        """[W, n] on every rank: ``local`` [n] summed over this worker's ranks (in place), then every
+        worker's row gathered. Collective over the worker group and the inter-worker group."""
         dist.all_reduce(local, group=self.topo.worker_group)
-        gathered = torch.zeros(W * 2, dtype=torch.float32, device=self.device)
+        gathered = torch.zeros(self.topo.num_workers * local.numel(), dtype=local.dtype, device=self.device)
         if self.topo.inter_worker_group is not None:
             dist.all_gather_into_tensor(gathered, local, group=self.topo.inter_worker_group)
         else:
             gathered.copy_(local)
-        return gathered.view(W, 2)
+        return gathered.view(self.topo.num_workers, local.numel())
+
+    def losses_since_sync(self) -> torch.Tensor:
+        """[W, 2]: every worker's (sum, count) of training losses since the last sync, on every rank (a
+        worker's TP ranks each count the same tokens, which the mean does not notice). Collective."""
+        return self._sum_in_worker_gather_across(self._loss_acc.clone())
 
     def restore_losses_since_sync(self, saved: torch.Tensor) -> None:
         """Inverse of losses_since_sync after a load: the worker's totals on its first rank."""
@@ -509,13 +512,7 @@ class LocalSGD:
                 delta.sub_(main[lo:hi])
                 local[s.key] += torch.dot(delta, delta)
         del scratch
-        dist.all_reduce(local, group=self.topo.worker_group)
-        gathered = torch.zeros(W * (self.L + extra), dtype=torch.float32, device=self.device)
-        if self.topo.inter_worker_group is not None:
-            dist.all_gather_into_tensor(gathered, local, group=self.topo.inter_worker_group)
-        else:
-            gathered.copy_(local)
-        gathered = gathered.view(W, self.L + extra)
+        gathered = self._sum_in_worker_gather_across(local)
         norms = gathered[:, :self.L].sqrt()
         losses = None
         if extra:
