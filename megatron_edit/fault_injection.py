@@ -58,6 +58,11 @@ class FaultSpec:
         return self.start <= iteration < self.start + self.length
 
 
+# The parsed flag lives in the args namespace that checkpoints save in their common state, which
+# megatron-core reads back with torch.load(weights_only=True): allow this plain record there.
+torch.serialization.add_safe_globals([FaultSpec])
+
+
 def parse_fault_spec(text: str) -> FaultSpec:
     """``W:KIND:START[:LENGTH]`` -> FaultSpec; ValueError with the expected form otherwise."""
     parts = text.split(":")

@@ -87,6 +87,25 @@ def test_resume_with_padded_buckets_is_bit_exact(tmp_path):
     assert resumed == straight[4:], (resumed, straight[4:])
 
 
+def test_resume_mid_interval_keeps_the_loss_test_totals(tmp_path):
+    """EDiT, 4 workers, H 4: worker 2 trains on random tokens at iterations 9 and 10, the run is saved at
+    11. The loss test flags worker 2 at the sync of 12 on its mean loss over 9-12, half of it corrupted
+    (5.344 vs a median of 5.142: 1.039x; this tiny model is still near chance, so Q is 1.015 here, and
+    nobody is flagged at the other syncs). The resumed run trains only 12 itself before that sync:
+    it flags worker 2, and so continues bit-exactly, only if the checkpoint carried the interval's totals."""
+    root = str(tmp_path / "ckpt")
+    argv = TINY_MODEL + ["--global-batch-size", "16", "--lr", "3e-3", "--clip-grad", "0", "--train-iters", "16",
+                         *DIST_OPT, "--local-sgd", "edit", "--local-sgd-workers", "4", "--local-sgd-sync-interval",
+                         "4", "--local-sgd-debug-fault", "2:random-tokens:9:2", "--pseudo-grad-loss-ratio", "1.015"]
+    straight = run_training(argv + ["--save", root, "--save-interval", "11"], 4, keep_params=False)
+    events = dict(straight[0]["sync_anomalous"])
+    assert events[4] == events[8] == events[16] == [], events
+    assert len(events[12]) == 1 and events[12][0].startswith("w2[loss "), events
+    resumed = run_training(argv + ["--load", root, "--ckpt-step", "11"], 4, keep_params=False)
+    assert dict(resumed[0]["sync_anomalous"])[12] == events[12]
+    assert losses(resumed) == losses(straight)[11:], (losses(resumed), losses(straight)[11:])
+
+
 def test_resharding_tp_and_data_parallel(saved_runs):
     """EDiT saved with DP 4 (2 workers x 2 ranks) loads under TP 2 x DP 2 (2 workers x 1 rank): every
     piece reshards (per-worker params and Adam moments, anchor, momentum), so the continued run matches
