@@ -201,8 +201,8 @@ class FaultInjector:
 class SlowWorker:
     """A worker FACTOR times slower than the others (older GPUs, thermal throttling, a busy host).
 
-    The step time is measured from the end of the previous ``after_step`` (after any sync) to this one, so
-    it is the worker's own forward, backward and optimizer step, not time spent waiting for the others."""
+    The step time is measured from the previous ``after_sync`` (after any sync) to ``before_sync``, so it
+    is the worker's own forward, backward and optimizer step, not time spent waiting for the others."""
 
     def __init__(self, factor: float, clock: Callable[[], float] = time.perf_counter,
                  sleep: Callable[[float], None] = time.sleep):

@@ -34,7 +34,7 @@ not to the most trustworthy one; its weights also grow without bound as a norm s
 ``tools/bench_convergence.py`` (README, "Choosing H and the outer optimizer"): the paper's weighting lost
 to DiLoCo's plain mean on clean runs and under a loss spike; uniform weights plus a two-sided test lose
 nothing when clean and leave a frozen, exploding or non-finite worker out. ``--pseudo-grad-weighting
-norm --pseudo-grad-peer-ratio 0`` restores the paper's rule exactly.
+norm --pseudo-grad-peer-ratio 0 --pseudo-grad-loss-ratio 0`` restores the paper's rule exactly.
 
 Everything here is fp32 tensor math without ``.item()`` or Python conditions on tensor values: it runs
 per layer inside the forward pass (EDiT's layer-wise sync), where a host sync would break the overlap.
