@@ -58,6 +58,7 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
 
     from megatron_edit import mcore_adapter
     from megatron_edit.training.model import global_param_name, unwrap
+    from megatron_edit.checkpoint.save_load import checkpoint_iteration
     from megatron_edit.training.pretrain_gpt import build_trainer, shutdown
 
     trainer = build_trainer(argv)
@@ -65,7 +66,7 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
     digests, step_times = [], []
     last = [time.perf_counter()]
 
-    snapshots, sync_events, sync_anomalous = [], [], []
+    snapshots, sync_events, sync_anomalous, sync_steps = [], [], [], []
 
     def on_step(t) -> None:
         now = time.perf_counter()
@@ -73,6 +74,7 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
         sync_events.append(t.last_sync_report.bytes_sent if t.last_sync_report is not None else 0)
         if t.last_sync_report is not None:
             sync_anomalous.append((t.iteration, list(t.last_sync_report.anomalous)))
+            sync_steps.append(checkpoint_iteration(t))  # A-EDiT: the agreed step count at the sync
         digests.append(main_shard_digest(t))
         if keep_snapshots:
             snapshots.append([s.main.detach().float().clone() for s in t.local_sgd.shards])
@@ -115,6 +117,7 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
         snapshots=snapshots,
         sync_event_bytes=sync_events,
         sync_anomalous=sync_anomalous,
+        sync_steps=sync_steps,
         faults_injected=local_sgd.faults.injected if local_sgd is not None and local_sgd.faults is not None else 0,
         shard_keys=[s.key for s in local_sgd.shards] if local_sgd else [],
         sync_units=len(local_sgd.units) if local_sgd else 0,
