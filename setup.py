@@ -23,7 +23,9 @@ setup(
     ],
     extras_require={
         # tests also export to Hugging Face and load it back with transformers (logits check)
-        "test": ["pytest", "tensorboard", "matplotlib", "transformers>=4.46", "safetensors"],
+        "test": ["pytest", "tensorboard", "matplotlib", "transformers>=4.46", "safetensors", "torchft==0.2.0"],
+        # --local-sgd-fault-tolerance (megatron_edit/fault_tolerance.py)
+        "elastic": ["torchft==0.2.0"],
         "hf": ["transformers>=4.46", "safetensors"],  # tools/convert_checkpoint.py --to hf
         "te": ["transformer-engine[pytorch]"],
         # Megatron-LM's megatron/training imports these, and it compiles its dataset helpers with pybind11

@@ -112,7 +112,29 @@ def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--local-sgd-debug-fault", type=_fault_spec, default=None, metavar="W:KIND:START[:LENGTH]",
                    help=f"inject a fault into worker W from iteration START: {', '.join(FAULT_KINDS)} "
                         "(megatron_edit/fault_injection.py)")
+    ft = parser.add_argument_group("elastic workers (torchft; megatron_edit/fault_tolerance.py)")
+    ft.add_argument("--local-sgd-fault-tolerance", action="store_true",
+                    help="each worker is its own job; syncs go through a torchft quorum, so a worker that dies "
+                         "is left out and one that restarts heals from a live peer")
+    ft.add_argument("--torchft-lighthouse", default=os.environ.get("TORCHFT_LIGHTHOUSE"), metavar="HOST:PORT",
+                    help="the torchft lighthouse (default: $TORCHFT_LIGHTHOUSE)")
+    ft.add_argument("--replica-group-id", type=int, default=_env_int("REPLICA_GROUP_ID"), metavar="I",
+                    help="this worker's index in [0, --local-sgd-workers) (default: $REPLICA_GROUP_ID)")
+    ft.add_argument("--torchft-min-replicas", type=int, default=1, metavar="N",
+                    help="fewest workers a sync may commit with")
+    ft.add_argument("--torchft-timeout", type=float, default=60.0, metavar="SECONDS",
+                    help="a collective, a commit vote or a recovery transfer that takes longer has failed")
+    ft.add_argument("--torchft-quorum-timeout", type=float, default=1800.0, metavar="SECONDS",
+                    help="how long a worker waits for the others to reach a sync (must exceed H steps)")
     return parser
+
+
+def _env_int(name: str):
+    value = os.environ.get(name)
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        raise FlagError(f"${name} must be an integer, got {value!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,6 +382,12 @@ def parse_and_validate(
         local_sgd = LocalSGDConfig.from_args(args, explicit_dests(parser, argv))
         if local_sgd is not None:
             local_sgd.check_topology(args.data_parallel_size, args.num_layers)
+            per_job = args.micro_batch_size * args.data_parallel_size * (local_sgd.workers or 1)
+            if local_sgd.fault_tolerance and args.global_batch_size % per_job != 0:
+                raise ConfigError(
+                    f"--global-batch-size {args.global_batch_size} (over all workers) is not divisible by "
+                    f"--micro-batch-size {args.micro_batch_size} x this job's data-parallel size "
+                    f"{args.data_parallel_size} x --local-sgd-workers {local_sgd.workers}")
             if local_sgd.layerwise and not (args.use_distributed_optimizer and args.overlap_param_gather):
                 raise ConfigError(
                     "--local-sgd-layerwise needs --use-distributed-optimizer and --overlap-param-gather "

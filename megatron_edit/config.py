@@ -62,6 +62,13 @@ class LocalSGDConfig:
     debug_slow_worker: Optional[tuple[int, float]] = None
     debug_corrupt_worker: Optional[tuple[int, float, float]] = None
     debug_fault: Optional[FaultSpec] = None  # fault_injection.py: W:KIND:START[:LENGTH]
+    # Elastic workers on torchft (fault_tolerance.py): each worker is its own job.
+    fault_tolerance: bool = False
+    torchft_lighthouse: Optional[str] = None  # default: $TORCHFT_LIGHTHOUSE
+    replica_group_id: Optional[int] = None  # this worker's index; default: $REPLICA_GROUP_ID
+    torchft_min_replicas: int = 1
+    torchft_timeout: float = 60.0  # seconds: a collective, a commit vote, a recovery transfer
+    torchft_quorum_timeout: float = 1800.0  # seconds: waiting for the others' next sync (longer than H steps)
     explicit: frozenset = field(default_factory=frozenset, repr=False)  # fields the user set on the CLI
 
     def __post_init__(self) -> None:
@@ -75,6 +82,10 @@ class LocalSGDConfig:
                     f"{flag(name)} needs a method with a pseudo-gradient penalty "
                     f"(--local-sgd edit or a-edit), not --local-sgd {self.method}"
                 )
+        for name in ("torchft_lighthouse", "replica_group_id", "torchft_min_replicas", "torchft_timeout",
+                     "torchft_quorum_timeout"):
+            if name in self.explicit and not self.fault_tolerance:
+                raise ConfigError(f"{flag(name)} needs {flag('fault_tolerance')}")
         if self.pseudo_grad_clip is None and has_penalty:
             self.pseudo_grad_clip = 10.0
         if self.anomaly_threshold is None:
@@ -84,10 +95,14 @@ class LocalSGDConfig:
         if self.loss_ratio is None:
             self.loss_ratio = DEFAULT_LOSS_RATIO if has_penalty else 0.0
         _check_choice("weighting", self.weighting, WEIGHTINGS)
+        if self.fault_tolerance:
+            self._check_fault_tolerance()
         if self.layerwise is None:
-            self.layerwise = has_penalty
+            self.layerwise = has_penalty and not self.fault_tolerance
         if self.outer_grad_dtype is None:
-            self.outer_grad_dtype = "fp4-e3m0" if self.method == "streaming" else "fp32"
+            self.outer_grad_dtype = "fp4-e3m0" if self.method == "streaming" and not self.fault_tolerance else "fp32"
+        if self.fault_tolerance and "streaming_overlap_steps" not in self.explicit:
+            self.streaming_overlap_steps = 0
         _check_choice("outer_grad_dtype", self.outer_grad_dtype, OUTER_GRAD_DTYPES)
 
         if self.workers is not None and self.workers < 1:
@@ -153,6 +168,42 @@ class LocalSGDConfig:
             if not (scale >= 0 and 0 <= prob <= 1):
                 raise ConfigError(f"{flag('debug_corrupt_worker')} needs SCALE >= 0 and 0 <= PROB <= 1")
 
+    def _check_fault_tolerance(self) -> None:
+        """What torchft's quorum / all-reduce / commit protocol can carry (fault_tolerance.py). Defaults
+        that cannot (layer-wise, streaming overlap, a quantized wire) switch off; asking for them fails."""
+        ft = flag("fault_tolerance")
+        if not self.torchft_lighthouse:
+            raise ConfigError(f"{ft} needs {flag('torchft_lighthouse')} HOST:PORT (or $TORCHFT_LIGHTHOUSE): "
+                              "the address of a running torchft lighthouse")
+        if self.workers is None:
+            raise ConfigError(f"{ft} needs {flag('workers')} W: how many worker jobs the run has")
+        if self.replica_group_id is None or not 0 <= self.replica_group_id < self.workers:
+            raise ConfigError(f"{ft} needs {flag('replica_group_id')} in [0, {self.workers}) (or "
+                              f"$REPLICA_GROUP_ID): this worker's index, got {self.replica_group_id}")
+        if not 1 <= self.torchft_min_replicas <= self.workers:
+            raise ConfigError(f"{flag('torchft_min_replicas')} {self.torchft_min_replicas} must be in "
+                              f"[1, {self.workers}]")
+        for name in ("torchft_timeout", "torchft_quorum_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{flag(name)} {getattr(self, name)} must be > 0 seconds")
+        if self.method == "a-edit":
+            raise ConfigError(f"--local-sgd a-edit cannot run with {ft}: its time-triggered syncs vote every "
+                              "few steps across workers, outside torchft's per-sync quorum (not built)")
+        if self.layerwise:
+            raise ConfigError(f"--local-sgd-layerwise cannot run with {ft}: a layer-wise sync applies each "
+                              "layer's outer step in the next forward, before a commit over all layers")
+        if self.method == "streaming" and self.streaming_overlap_steps > 0 and "streaming_overlap_steps" in self.explicit:
+            raise ConfigError(f"{flag('streaming_overlap_steps')} {self.streaming_overlap_steps} cannot run with "
+                              f"{ft}: a fragment in flight would be applied after its quorum may have changed; use 0")
+        if self.outer_grad_dtype not in (None, "fp32"):
+            raise ConfigError(f"{flag('outer_grad_dtype')} {self.outer_grad_dtype} cannot run with {ft}: torchft "
+                              "makes only an fp32 all-reduce fault tolerant; use fp32")
+        if self.outer_grad_error_feedback:
+            raise ConfigError(f"{flag('outer_grad_error_feedback')} needs a quantized wire, which {ft} cannot use")
+        if self.warmup_iters > 0:
+            raise ConfigError(f"{flag('warmup_iters')} {self.warmup_iters} cannot run with {ft}: the synchronous "
+                              "warmup all-reduces gradients across workers every step, outside a quorum; use 0")
+
     @property
     def has_penalty(self) -> bool:
         return self.method in PENALTY_METHODS
@@ -160,7 +211,7 @@ class LocalSGDConfig:
     def check_topology(self, data_parallel_size: int, num_layers: int) -> None:
         """Rules that need the launch shape; called before any process group is built."""
         workers = self.workers if self.workers is not None else data_parallel_size
-        if data_parallel_size % workers != 0:
+        if data_parallel_size % workers != 0 and not self.fault_tolerance:  # elastic: one job per worker
             raise ConfigError(
                 f"{flag('workers')} {workers} does not divide the data-parallel size {data_parallel_size}"
             )
@@ -234,6 +285,12 @@ FLAG_OF = {
     "debug_slow_worker": "local-sgd-debug-slow-worker",
     "debug_corrupt_worker": "local-sgd-debug-corrupt-worker",
     "debug_fault": "local-sgd-debug-fault",
+    "fault_tolerance": "local-sgd-fault-tolerance",
+    "torchft_lighthouse": "torchft-lighthouse",
+    "replica_group_id": "replica-group-id",
+    "torchft_min_replicas": "torchft-min-replicas",
+    "torchft_timeout": "torchft-timeout",
+    "torchft_quorum_timeout": "torchft-quorum-timeout",
 }
 _DEST_TO_FIELD = {f.replace("-", "_"): name for name, f in FLAG_OF.items() if name != "method"}
 

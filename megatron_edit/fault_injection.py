@@ -14,6 +14,12 @@ START for LENGTH iterations (default 1), identically on every rank of that worke
 - ``bit-flip``: after the optimizer step of iteration START, bit ``FLIPPED_BIT`` (the top exponent bit)
   of one fp32 master weight of the worker flips: a silent data corruption. A weight of 0.02 becomes
   ~7e36, so the worker's loss and then its whole state turn non-finite. LENGTH must be 1.
+- ``kill``: after the optimizer step (and sync, if any) of iteration START, every rank of the worker sends
+  itself SIGKILL: a node lost between syncs. Restarted with the same command, an elastic worker heals to
+  a later iteration, so the fault does not fire again. LENGTH must be 1.
+- ``kill-in-sync``: in the sync at iteration START, after the workers exchanged their norms and before the
+  pseudo-gradient reduction, every rank of the worker sends itself SIGKILL (a node lost in the middle of
+  a sync; elastic workers must finish that sync without it). LENGTH must be 1.
 
 A straggler, ``--local-sgd-debug-slow-worker W:FACTOR`` (``SlowWorker``): every rank of worker W sleeps
 (FACTOR - 1) x the time of its own step after each optimizer step, for every method and during the
@@ -42,7 +48,7 @@ from typing import Callable, Optional
 
 import torch
 
-FAULT_KINDS: tuple[str, ...] = ("random-tokens", "repeated-tokens", "loss-spike", "bit-flip")
+FAULT_KINDS: tuple[str, ...] = ("random-tokens", "repeated-tokens", "loss-spike", "bit-flip", "kill", "kill-in-sync")
 SPIKE_FACTOR = 1000.0
 FLIPPED_BIT = 30  # fp32: sign 31, exponent 30..23, mantissa 22..0
 
@@ -78,8 +84,8 @@ def parse_fault_spec(text: str) -> FaultSpec:
         raise ValueError(f"fault kind {kind!r} is not one of {', '.join(FAULT_KINDS)}")
     if start < 1 or length < 1:
         raise ValueError(f"START {start} and LENGTH {length} must be >= 1")
-    if kind == "bit-flip" and length != 1:
-        raise ValueError(f"bit-flip happens once: LENGTH must be 1, got {length}")
+    if kind in ("bit-flip", "kill", "kill-in-sync") and length != 1:
+        raise ValueError(f"{kind} happens once: LENGTH must be 1, got {length}")
     return FaultSpec(worker, kind, start, length)
 
 
@@ -182,10 +188,22 @@ class FaultInjector:
                 grad.mul_(SPIKE_FACTOR)
             self.injected += 1
 
+    def _kill_if(self, kind: str, iteration: int) -> None:
+        if self.mine and self.spec.kind == kind and self.spec.active(iteration):
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def in_sync(self, iteration: int) -> None:
+        """``kill-in-sync``: called between the norms' exchange and the pseudo-gradient reduction."""
+        self._kill_if("kill-in-sync", iteration)
+
     def after_optimizer_step(self, iteration: int, main_shards) -> None:
         """``bit-flip``: one element of the first non-empty fp32 main shard of the worker's first rank."""
         self.next_iteration = iteration + 1
         self._micro_batch = [0] * len(self.model)
+        self._kill_if("kill", iteration)
         if not (self.mine and self.spec.kind == "bit-flip" and self.spec.active(iteration)):
             return
         if not self.first_shard_rank:

@@ -24,6 +24,7 @@ The math lives in outer_optimizer.py and pseudo_grad_penalty.py; this file moves
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from megatron_edit.async_trigger import AsyncSyncController
 from megatron_edit.config import LocalSGDConfig
 from megatron_edit.fault_injection import FaultInjector, SlowWorker, model_vocab_size
 from megatron_edit.fp8 import write_back_model_params
+from megatron_edit.inter_worker_transport import ProcessGroupTransport
 from megatron_edit.outer_optimizer import needs_outer_momentum, outer_step
 from megatron_edit.outer_state import (
     OuterShard,
@@ -56,7 +58,6 @@ from megatron_edit.pseudo_grad_penalty import (
     median_of_finite,
     penalty_weights,
 )
-from megatron_edit.quantized_collectives import launch_quantized_all_reduce_mean, predicted_bytes_sent
 from megatron_edit.sync_schedule import (
     assign_layers_to_fragments,
     default_num_fragments,
@@ -73,6 +74,9 @@ from megatron_edit.wire_codecs import ErrorFeedback, ErrorFeedbackSection
 from megatron_edit.topology import WorkerTopology, all_reduce_mean_
 
 
+MAX_SYNC_ATTEMPTS = 10  # elastic workers: consecutive failed commits before the worker gives up
+
+
 @dataclass
 class SyncReport:
     iteration: int
@@ -85,6 +89,7 @@ class SyncReport:
     sync_ms: float
     fragment: str = "all"
     inner_steps: Optional[list[int]] = None  # a-edit: per worker, since the previous sync
+    attempts: int = 1  # elastic workers: quorums it took (a member lost mid-sync costs one more)
 
     def as_log_fields(self) -> dict:
         return dict(iteration=self.iteration, workers=self.workers, fragment=self.fragment,
@@ -126,11 +131,16 @@ class _Unit:
 
 class LocalSGD:
     def __init__(self, cfg: LocalSGDConfig, topology: WorkerTopology, model_chunks, optimizer, model_config,
-                 seed: int = 1234, global_batch_size: int = 1, budget_samples: int = 0):
+                 seed: int = 1234, global_batch_size: int = 1, budget_samples: int = 0, transport=None):
         from megatron.core import parallel_state as ps
 
         self.cfg = cfg
         self.topo = topology
+        # The one seam to the other workers (inter_worker_transport.py): megatron-core's inter-instance
+        # group in-job, a torchft Manager with --local-sgd-fault-tolerance.
+        self.transport = transport or ProcessGroupTransport(topology.inter_worker_group, topology.num_workers,
+                                                            topology.worker_index)
+        self._present = torch.ones(topology.num_workers, dtype=torch.bool)
         self.model = model_chunks
         self.optimizer = optimizer
         self.num_layers = model_config.num_layers
@@ -400,14 +410,11 @@ class LocalSGD:
 
     def _sum_in_worker_gather_across(self, local: torch.Tensor) -> torch.Tensor:
         """[W, n] on every rank: ``local`` [n] summed over this worker's ranks (in place), then every
-        worker's row gathered. Collective over the worker group and the inter-worker group."""
+        worker's row gathered (``self._present``: whose rows are real; all in-job). Collective over the
+        worker group and the transport."""
         dist.all_reduce(local, group=self.topo.worker_group)
-        gathered = torch.zeros(self.topo.num_workers * local.numel(), dtype=local.dtype, device=self.device)
-        if self.topo.inter_worker_group is not None:
-            dist.all_gather_into_tensor(gathered, local, group=self.topo.inter_worker_group)
-        else:
-            gathered.copy_(local)
-        return gathered.view(self.topo.num_workers, local.numel())
+        gathered, self._present = self.transport.gather_rows(local)
+        return gathered
 
     def losses_since_sync(self) -> torch.Tensor:
         """[W, 2]: every worker's (sum, count) of training losses since the last sync, on every rank (a
@@ -421,9 +428,13 @@ class LocalSGD:
             self._loss_acc.copy_(saved[self.topo.worker_index].to(self.device))
 
     # ------------------------------------------------------------------ the sync
-    def sync(self, iteration: int, unit_indices: Optional[list[int]] = None) -> SyncReport:
+    def sync(self, iteration: int, unit_indices: Optional[list[int]] = None,
+             quorum_ready: bool = False) -> SyncReport:
         """Start a sync of the given units (all by default). All-at-once and streaming with tau = 0
-        finish here; layer-wise units finish in the next forward, streaming ones tau steps later."""
+        finish here; layer-wise units finish in the next forward, streaming ones tau steps later.
+        Elastic workers: see _sync_fault_tolerant (``quorum_ready``: the joiner's quorum is taken)."""
+        if self.transport.fault_tolerant:
+            return self._sync_fault_tolerant(iteration, unit_indices, quorum_ready)
         start = time.perf_counter()
         self.flush_pending()
         if self._staging is not None:
@@ -466,10 +477,95 @@ class LocalSGD:
             inner_steps=self.async_ctl.last_steps_per_worker if self.async_ctl is not None else None,
         )
 
+    def _sync_fault_tolerant(self, iteration: int, unit_indices: Optional[list[int]],
+                             quorum_ready: bool) -> SyncReport:
+        """An all-at-once sync over a torchft quorum (fault_tolerance.py): quorum, weights, reductions
+        into separate buffers (theta untouched), then the commit vote; only a committed attempt applies
+        its outer step. A failed one (a member died or left) restores the penalty statistics and the
+        loss totals and is retried with a new quorum, so nothing of the lost member's attempt is kept."""
+        start = time.perf_counter()
+        indices = list(range(len(self.units))) if unit_indices is None else unit_indices
+        self._sync_iteration = iteration
+        saved_stats = dataclasses.replace(self.stats, **{f.name: getattr(self.stats, f.name).clone()
+                                                         for f in dataclasses.fields(self.stats)})
+        saved_losses = self._loss_acc.clone()
+        attempts = 0
+        while True:
+            attempts += 1
+            if not quorum_ready:
+                self.transport.begin_sync()
+            quorum_ready = False
+            members = {id(s) for i in indices for s in self.units[i].shards}
+            norms, anomalous = self._compute_weights([s for s in self.shards if id(s) in members])
+            if self.faults is not None:
+                self.faults.in_sync(iteration)
+            self._key_norm_cache = {}
+            skip_host = self._skip.tolist()
+            for i in indices:
+                unit = self.units[i]
+                unit.pending, unit.skip, unit.skip_host = True, self._skip, skip_host
+                self._wait_unit(i)  # launch + wait: the reduced pseudo-gradient in unit.combined
+            if self.transport.commit():
+                break
+            for i in indices:  # discard the attempt: theta, anchor and momentum were not touched
+                unit = self.units[i]
+                unit.combined, unit.launched, unit.advanced, unit.pending = None, False, False, False
+            self.stats = dataclasses.replace(saved_stats, **{f.name: getattr(saved_stats, f.name).clone()
+                                                             for f in dataclasses.fields(saved_stats)})
+            self._loss_acc.copy_(saved_losses)
+            if attempts >= MAX_SYNC_ATTEMPTS:
+                raise RuntimeError(f"sync at iteration {iteration} failed {attempts} times in a row "
+                                   "(torchft should_commit); see the torchft log lines above")
+        for i in indices:
+            self._apply_outer_step(i)
+            unit = self.units[i]
+            unit.combined, unit.launched, unit.advanced, unit.pending, unit.advance_at = None, False, False, False, None
+        self._regather_params()
+        self.transport.contributing = True
+        sent = sum(self._predicted_unit_bytes(i) for i in indices) + self._norm_bytes()
+        self.bytes_sent_total += sent
+        present = int(self._present.sum())
+        return SyncReport(
+            iteration=iteration, workers=present,
+            pseudo_grad_norm=float(norms[self._present].pow(2).sum(dim=1).sqrt().mean()) if present else 0.0,
+            anomalous=anomalous, bytes_sent=sent, bytes_sent_total=self.bytes_sent_total,
+            wire_format=self.cfg.outer_grad_dtype, sync_ms=(time.perf_counter() - start) * 1000.0,
+            fragment=",".join(self.units[i].name for i in indices) if self.streaming else "all",
+            attempts=attempts,
+        )
+
+    def outer_state_for_recovery(self) -> dict:
+        """Copies of what a joining worker needs from this rank (fault_tolerance.py)."""
+        self.flush_pending()
+        return {
+            "anchor": [s.anchor.detach().clone() for s in self.shards],
+            "momentum": [s.momentum.detach().clone() if s.momentum is not None else None for s in self.shards],
+            "stats": {f.name: getattr(self.stats, f.name).clone() for f in dataclasses.fields(self.stats)},
+        }
+
+    def load_outer_state_for_recovery(self, state: dict) -> None:
+        """A peer's anchor, momentum and penalty statistics; theta := anchor (the joiner's delta is 0)."""
+        if len(state["anchor"]) != len(self.shards):
+            raise ValueError(f"recovery state has {len(state['anchor'])} shards, this rank {len(self.shards)}")
+        with torch.no_grad():
+            for s, anchor, momentum in zip(self.shards, state["anchor"], state["momentum"]):
+                if s.anchor is None:
+                    init_outer_state([s], self.with_momentum, self.cfg.offload_outer_state)
+                s.anchor.copy_(anchor)
+                if s.momentum is not None and momentum is not None:
+                    s.momentum.copy_(momentum)
+                s.main.copy_(anchor)
+        self.stats = dataclasses.replace(self.stats, **{k: v.to(self.device) for k, v in state["stats"].items()})
+        self._loss_acc.zero_()
+        for unit in self.units:
+            write_back_model_params(unit, self.model, self.optimizer, self.num_layers)
+        self._regather_params()
+
     def _chunked(self, index: int) -> bool:
         """All-at-once DiLoCo / EDiT (nothing in flight across steps): communicated in chunks of
-        ``--local-sgd-sync-chunk-size`` elements, with the main shard as the pseudo-gradient's store."""
-        return not self.cfg.layerwise and not self.streaming
+        ``--local-sgd-sync-chunk-size`` elements, with the main shard as the pseudo-gradient's store.
+        Not with elastic workers: theta must survive a sync attempt that does not commit."""
+        return not self.cfg.layerwise and not self.streaming and not self.transport.fault_tolerant
 
     def _predicted_unit_bytes(self, index: int) -> int:
         numel = self.units[index].numel
@@ -479,16 +575,11 @@ class LocalSGD:
         return sum(self._predicted_bytes(min(size, numel - lo)) for lo in range(0, numel, size))
 
     def _predicted_bytes(self, numel: int) -> int:
-        group = self.topo.inter_worker_group
-        if group is None:
-            return 0
-        return predicted_bytes_sent(numel, group.size(), group.rank(), self.cfg.outer_grad_dtype,
-                                    self.cfg.outer_grad_block_size)
+        return self.transport.predicted_bytes(numel, self.cfg.outer_grad_dtype, self.cfg.outer_grad_block_size)
 
     def _norm_bytes(self) -> int:
         """The all-gather of this worker's per-layer norms to the other workers."""
-        group = self.topo.inter_worker_group
-        return 0 if group is None else (group.size() - 1) * (self.L + (2 if self.loss_test else 0)) * 4
+        return self.transport.peers() * (self.L + (2 if self.loss_test else 0)) * 4
 
     def _compute_weights(self, shards: list[OuterShard], step_weights: Optional[torch.Tensor] = None):
         """G [W, L] on every rank, then this worker's weight per layer (and the skip mask). The squared
@@ -519,10 +610,26 @@ class LocalSGD:
             count = gathered[:, self.L + 1]
             losses = torch.where(count > 0, gathered[:, self.L] / count.clamp_min(1), torch.full_like(count, math.nan))
         anomalous_names: list[str] = []
-        if self.penalty_cfg is not None:
+        present = self._present
+        if self.penalty_cfg is not None and not bool(present.all()):
+            # Elastic workers: the penalty sees the members of this sync only (absent rows are zeros).
+            rows = present.nonzero().flatten().tolist()
+            sub_w, skip, sub_a, self.stats = penalty_weights(
+                norms[rows], self.stats, self.penalty_cfg,
+                step_weights[rows] if step_weights is not None else None,
+                losses[rows] if losses is not None else None)
+            weights = torch.zeros(W, self.L, dtype=sub_w.dtype, device=sub_w.device)
+            anomalous = torch.zeros(W, self.L, dtype=torch.bool, device=sub_a.device)
+            weights[rows], anomalous[rows] = sub_w, sub_a
+            by_loss = [False] * W
+            if extra:
+                for r, flagged in zip(rows, loss_outliers(losses[rows], self.penalty_cfg.loss_ratio).tolist()):
+                    by_loss[r] = flagged
+        elif self.penalty_cfg is not None:
             weights, skip, anomalous, self.stats = penalty_weights(norms, self.stats, self.penalty_cfg, step_weights,
                                                                    losses)
             by_loss = loss_outliers(losses, self.penalty_cfg.loss_ratio).tolist() if extra else [False] * W
+        if self.penalty_cfg is not None:
             for w in range(W):
                 layers = anomalous[w].nonzero().flatten().tolist()
                 if layers and by_loss[w]:  # excluded in every layer for its loss
@@ -534,11 +641,11 @@ class LocalSGD:
             # No penalty: the plain mean over workers, except that a worker whose delta is NaN/Inf in a
             # layer is left out of that layer's mean (the wire would zero its values and silently shrink
             # the step by 1/W); a layer with no finite worker skips its outer step.
-            finite = torch.isfinite(norms)
+            finite = torch.isfinite(norms) & present.to(norms.device).view(-1, 1)
             count = finite.sum(dim=0)
             weights = finite.float() / count.clamp(min=1).float()
             skip = count == 0
-            for w in range(W):
+            for w in present.nonzero().flatten().tolist():
                 layers = (~finite[w]).nonzero().flatten().tolist()
                 if layers:
                     anomalous_names.append(f"w{w}[nonfinite: {' '.join(layer_key_name(k, self.num_layers) for k in layers)}]")
@@ -581,9 +688,8 @@ class LocalSGD:
         if unit.error_feedback is not None:
             feedback = ErrorFeedbackSection(unit.error_feedback, lo, unit.numel)
         # Weights are applied before the wire (_fill_contribution), so the reduction is a sum.
-        handle = launch_quantized_all_reduce_mean(
-            buffer, self.topo.inter_worker_group, self.cfg.outer_grad_dtype, self.cfg.outer_grad_block_size,
-            weight=1.0, divisor=1.0, error_feedback=feedback, inplace=True,
+        handle = self.transport.launch_sum(
+            buffer, self.cfg.outer_grad_dtype, self.cfg.outer_grad_block_size, error_feedback=feedback,
             stochastic=self.cfg.outer_grad_stochastic_rounding, generator=self._rounding_generator(index),
         )
         self.bytes_sent_measured += handle.bytes_sent

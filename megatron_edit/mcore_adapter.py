@@ -337,6 +337,32 @@ def set_inner_optimizer_step(optimizer: Any, step: float) -> None:
                 state["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
+def inner_optimizer_state(optimizer: Any) -> list[dict]:
+    """Copies of the torch inner optimizer's per-parameter state (Adam: ``step``, ``exp_avg``,
+    ``exp_avg_sq``), in param-group order, for every sub-optimizer: what a worker that heals from a peer
+    receives (fault_tolerance.py). Uses ``opt.optimizer`` (the torch optimizer megatron-core wraps, 0.16.1
+    to 0.19.2); parameters with no state yet give an empty dict."""
+    out = []
+    for opt in sub_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            for p in group["params"]:
+                out.append({k: v.detach().clone() if hasattr(v, "detach") else v
+                            for k, v in inner.state.get(p, {}).items()})
+    return out
+
+
+def load_inner_optimizer_state(optimizer: Any, states: list[dict]) -> None:
+    """Inverse of inner_optimizer_state on a worker of the same layout (same shards in the same order)."""
+    params = [(getattr(opt, "optimizer", None), p) for opt in sub_optimizers(optimizer)
+              for group in getattr(getattr(opt, "optimizer", None), "param_groups", []) for p in group["params"]]
+    if len(params) != len(states):
+        raise ValueError(f"inner optimizer state for {len(states)} parameters, this worker has {len(params)}")
+    for (inner, p), state in zip(params, states):
+        inner.state[p] = {k: v.clone().to(p.device) if hasattr(v, "clone") and k != "step" else
+                          (v.clone() if hasattr(v, "clone") else v) for k, v in state.items()}
+
+
 def patch_fully_reshardable_load(optimizer: Any) -> None:
     """DistributedOptimizer._set_main_param_and_optimizer_states (0.16.1) copies every key of the torch
     optimizer's state from the loaded tensors, ``step`` included, which the ``fully_reshardable`` loader

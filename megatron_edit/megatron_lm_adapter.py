@@ -187,6 +187,9 @@ def local_sgd_config_from_megatron_args(args: argparse.Namespace, argv) -> Optio
         raise FlagError(str(e)) from None
     workers = cfg.num_workers(args.data_parallel_size)
     rules = [
+        (cfg.fault_tolerance, "--local-sgd-fault-tolerance is not supported inside Megatron-LM's training loop "
+                              "yet (a worker that heals must take its iteration from a peer); use megatron_edit's "
+                              "own entry"),
         (cfg.method == "a-edit", "--local-sgd a-edit is not supported inside Megatron-LM's training loop "
                                  "(it runs global collectives every step); use megatron_edit's own entry"),
         ((args.save is not None or args.load is not None) and getattr(args, "ckpt_format", "torch_dist") != "torch_dist",

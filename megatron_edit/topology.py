@@ -131,3 +131,18 @@ def all_reduce_mean_(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -
         return
     dist.all_reduce(tensor, group=group)
     tensor.div_(group.size())
+
+
+def as_elastic_worker(topology: WorkerTopology, num_workers: int, worker_index: int) -> WorkerTopology:
+    """Elastic workers (fault_tolerance.py): this job is worker ``worker_index`` of ``num_workers``. Its
+    megatron-core groups are its own; data are read as the global data-parallel rank would read them in
+    one job (worker-major), and the cross-worker link is the torchft transport, not a group."""
+    import dataclasses
+
+    per_worker = topology.data_parallel_size
+    return dataclasses.replace(
+        topology, num_workers=num_workers, worker_index=worker_index, ranks_per_worker_slice=per_worker,
+        data_parallel_size=per_worker * num_workers,
+        data_parallel_rank=worker_index * per_worker + topology.data_parallel_rank,
+        inter_worker_group=None,
+    )

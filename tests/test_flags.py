@@ -432,3 +432,48 @@ def test_checkpoint_flags_are_checked_before_start(tmp_path):
             parse_and_validate(base + extra, world_size=1)
     args, _ = parse_and_validate(base + ["--save", str(tmp_path), "--load", str(tmp_path)], world_size=1)
     assert args.save == args.load == str(tmp_path) and args.ckpt_format == "torch_dist"
+
+
+# ------------------------------------------------------------------ elastic workers (torchft)
+FT = ["--local-sgd-fault-tolerance", "--torchft-lighthouse", "localhost:29510", "--local-sgd-workers", "2",
+      "--replica-group-id", "1"]
+
+
+@pytest.mark.parametrize("method", ["diloco", "edit", "streaming"])
+def test_fault_tolerance_defaults_switch_off_what_torchft_cannot_carry(method):
+    _, cfg = ok(BASE + ["--local-sgd", method] + FT, 2)  # 2 ranks per worker; W does not divide them
+    assert cfg.fault_tolerance and cfg.replica_group_id == 1 and cfg.workers == 2
+    assert not cfg.layerwise and cfg.outer_grad_dtype == "fp32" and cfg.streaming_overlap_steps == 0
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--local-sgd", "a-edit"], "a-edit"),
+    (["--local-sgd", "edit", "--local-sgd-layerwise"], "--local-sgd-layerwise"),
+    (["--local-sgd", "streaming", "--streaming-overlap-steps", "1"], "--streaming-overlap-steps"),
+    (["--local-sgd", "streaming", "--outer-grad-dtype", "fp4-e3m0"], "--outer-grad-dtype"),
+    (["--local-sgd", "diloco", "--local-sgd-warmup-iters", "4"], "--local-sgd-warmup-iters"),
+    (["--local-sgd", "diloco", "--torchft-min-replicas", "3"], "--torchft-min-replicas"),
+    (["--local-sgd", "diloco", "--torchft-timeout", "0"], "--torchft-timeout"),
+    (["--local-sgd", "diloco", "--replica-group-id", "2"], "--replica-group-id"),
+])
+def test_fault_tolerance_refuses_what_it_cannot_do(extra, expected):
+    fails(BASE + FT + extra, 2, expected)
+
+
+def test_fault_tolerance_needs_its_lighthouse_workers_and_index(monkeypatch):
+    monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)
+    monkeypatch.delenv("REPLICA_GROUP_ID", raising=False)
+    fails(BASE + ["--local-sgd", "diloco"] + _without(FT, "--torchft-lighthouse"), 2, "--torchft-lighthouse")
+    fails(BASE + ["--local-sgd", "diloco"] + _without(FT, "--local-sgd-workers"), 2, "--local-sgd-workers")
+    fails(BASE + ["--local-sgd", "diloco"] + _without(FT, "--replica-group-id"), 2, "--replica-group-id")
+    fails(BASE + ["--local-sgd", "diloco", "--torchft-lighthouse", "h:1"], 4, "--local-sgd-fault-tolerance")
+    # the environment torchft's launchers set
+    monkeypatch.setenv("TORCHFT_LIGHTHOUSE", "localhost:1234")
+    monkeypatch.setenv("REPLICA_GROUP_ID", "0")
+    _, cfg = ok(BASE + ["--local-sgd", "diloco", "--local-sgd-fault-tolerance", "--local-sgd-workers", "2"], 2)
+    assert cfg.torchft_lighthouse == "localhost:1234" and cfg.replica_group_id == 0
+
+
+def test_fault_tolerance_global_batch_covers_every_worker():
+    # 16 = 2 (micro) x 2 (this job's DP) x 4 workers; 3 workers do not divide it
+    fails(BASE + ["--local-sgd", "diloco"] + _set(FT, "--local-sgd-workers", "3"), 2, "--global-batch-size")

@@ -118,6 +118,7 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
         sync_event_bytes=sync_events,
         sync_anomalous=sync_anomalous,
         sync_steps=sync_steps,
+        penalty_stats={k: v.clone() for k, v in vars(local_sgd.stats).items()} if local_sgd else {},
         faults_injected=local_sgd.faults.injected if local_sgd is not None and local_sgd.faults is not None else 0,
         shard_keys=[s.key for s in local_sgd.shards] if local_sgd else [],
         sync_units=len(local_sgd.units) if local_sgd else 0,
@@ -247,3 +248,26 @@ def redirect_fds(path: str):
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m megatron_edit.training.launch --nproc N --out DIR -- TRAINING FLAGS``: one job of N local
+    gloo ranks whose results land in DIR/rank{r}.pt (elastic-worker tests run one such job per worker)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_edit.training.launch")
+    parser.add_argument("--nproc", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--no-params", action="store_true")
+    parser.add_argument("flags", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
+    os.makedirs(args.out, exist_ok=True)
+    run_processes(_rank_main, (args.nproc, _free_port(), list(flags), args.out, not args.no_params, False),
+                  args.nproc, args.timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

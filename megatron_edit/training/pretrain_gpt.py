@@ -83,8 +83,14 @@ class Trainer:
 
         self.args = args
         num_workers = local_sgd_cfg.num_workers(args.data_parallel_size) if local_sgd_cfg else 1
-        initialize_parallel_state(args, num_workers)
-        self.topology = build_worker_topology(num_workers)
+        elastic = local_sgd_cfg is not None and local_sgd_cfg.fault_tolerance
+        # Elastic workers: this job is one worker; megatron-core's groups stay inside it.
+        initialize_parallel_state(args, 1 if elastic else num_workers)
+        self.topology = build_worker_topology(1 if elastic else num_workers)
+        if elastic:
+            from megatron_edit.topology import as_elastic_worker
+
+            self.topology = as_elastic_worker(self.topology, num_workers, local_sgd_cfg.replica_group_id)
         torch.manual_seed(args.seed)
         model_parallel_cuda_manual_seed(args.seed)
 
@@ -111,7 +117,7 @@ class Trainer:
             cfg.param_sync_func = [m.start_param_sync for m in self.model]
         cfg.finalize_model_grads_func = finalize_model_grads
         self.forward_backward = get_forward_backward_func()
-        self.num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+        self.num_microbatches = args.global_batch_size // (args.micro_batch_size * self.topology.data_parallel_size)
 
         train, valid, _ = build_datasets(args, self.tokenizer, vocab)
         self.train_dataset = train
@@ -124,12 +130,18 @@ class Trainer:
         self.dp_group = ps.get_data_parallel_group(with_context_parallel=True)
 
         self.local_sgd = None
+        self.elastic = None
+        if elastic:
+            from megatron_edit.fault_tolerance import ElasticWorker
+
+            self.elastic = ElasticWorker(args, local_sgd_cfg, self)
         if local_sgd_cfg is not None:
             from megatron_edit.local_sgd import LocalSGD
 
             self.local_sgd = LocalSGD(local_sgd_cfg, self.topology, self.model, self.optimizer, self.config,
                                       seed=args.seed, global_batch_size=args.global_batch_size,
-                                      budget_samples=args.train_iters * args.global_batch_size)
+                                      budget_samples=args.train_iters * args.global_batch_size,
+                                      transport=self.elastic.transport if self.elastic is not None else None)
         # A-EDiT: workers step at their own pace, so per-step collectives stay inside the worker.
         self.asynchronous = local_sgd_cfg is not None and local_sgd_cfg.method == "a-edit"
         self.loss_group = self.topology.intra_dp_group if self.asynchronous else self.dp_group
@@ -140,6 +152,8 @@ class Trainer:
             self.last_saved_iteration = load_checkpoint(self)
             if self.local_sgd is not None and self.local_sgd.faults is not None:
                 self.local_sgd.faults.start_iteration(self.iteration)
+        if self.elastic is not None:
+            self.elastic.join()  # a restarted worker heals from a live peer here
         self.last_eval_step = self.last_saved_iteration or 0
         self.tensorboard = TensorBoard(args.tensorboard_dir if dist.get_rank() == dist.get_world_size() - 1 else None)
         print_rank_0(
@@ -148,6 +162,11 @@ class Trainer:
             f"parameters on rank 0: {model_lib.count_parameters(self.model)}; method "
             f"{local_sgd_cfg.method if local_sgd_cfg else 'synchronous'}"
         )
+
+    def after_heal(self) -> None:
+        """This worker took a live peer's state inside the peers' current sync (fault_tolerance.py)."""
+        print_rank_0(f" > elastic: worker {self.topology.worker_index} healed from a live peer and joined the "
+                     f"sync at iteration {self.iteration} (consumed samples {self.consumed_samples})")
 
     def restart_data(self, batch: int) -> None:
         """Training data from global batch ``batch`` on (the data position is the iteration)."""
@@ -305,6 +324,10 @@ class Trainer:
                 on_step(self)
             if report is not None:
                 print_rank_last(sync_line(**report.as_log_fields()))
+                if self.elastic is not None and (self.elastic.left or self.elastic.joined):
+                    print_rank_last(f" > elastic: at iteration {self.iteration} workers "
+                                    f"{self.elastic.left or 'none'} left, {self.elastic.joined or 'none'} joined; "
+                                    f"members {self.elastic.members} (sync attempts {report.attempts})")
                 self.tensorboard.scalars(report.scalars(), self.iteration)
             if self.iteration % args.log_interval == 0:
                 elapsed = (time.perf_counter() - window_start) * 1000.0 / args.log_interval
@@ -333,6 +356,8 @@ class Trainer:
                 self.save()
         self.sync_params_for_reading()
         self.tensorboard.close()
+        if self.elastic is not None:
+            self.elastic.shutdown()
         return history
 
 
@@ -363,19 +388,26 @@ def build_trainer(argv: Optional[Sequence[str]] = None) -> Trainer:
     from megatron_edit import cpu_compat
     from megatron_edit.checkpoint.files import CheckpointError
     from megatron_edit.data.errors import DataError
+    from megatron_edit.fault_tolerance import ElasticError
 
     cpu_compat.activate(True if args.force_cpu else None)
     init_distributed(args)
     try:
         return Trainer(args, local_sgd_cfg)
-    except (DataError, CheckpointError) as e:  # raised identically on every rank
+    except (DataError, CheckpointError, ElasticError) as e:  # raised identically on every rank
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[float]:
+    from megatron_edit.fault_tolerance import ElasticError
+
     trainer = build_trainer(argv)
-    history = trainer.train()
+    try:
+        history = trainer.train()
+    except ElasticError as e:  # a worker that must leave a running elastic run (fault_tolerance.py)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     shutdown()
     return history
 

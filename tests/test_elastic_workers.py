@@ -1,0 +1,96 @@
+"""Elastic workers on torchft (--local-sgd-fault-tolerance): 3 worker jobs plus a lighthouse per test."""
+import pytest
+import torch
+
+pytest.importorskip("torchft")
+
+from elastic_harness import ELASTIC, ElasticRun, iteration_losses, rank_pids, sync_lines  # noqa: E402
+from mp_harness import TINY_MODEL, run_training  # noqa: E402
+
+DILOCO = ["--local-sgd", "diloco", "--local-sgd-sync-interval", "4"]
+EDIT = ["--local-sgd", "edit", "--no-local-sgd-layerwise", "--local-sgd-sync-interval", "4"]
+
+
+def _params_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", [DILOCO, EDIT], ids=["diloco", "edit"])
+def test_elastic_run_without_failures_equals_the_in_job_run(tmp_path, method):
+    """3 worker jobs through torchft == 3 workers in one job, bitwise, over 3 syncs: the transport is the
+    only difference. The lighthouse waits for all 3, so every sync has every worker."""
+    flags = method + ["--train-iters", "12"]
+    with ElasticRun(tmp_path, min_replicas=3) as run:
+        workers = [run.start(w, ELASTIC + flags) for w in range(3)]
+        for proc in workers:
+            assert run.wait(proc) == 0, run.log(proc)[-3000:]
+        elastic = [run.results(p)[0] for p in workers]
+        assert all(lines == [(4, 3), (8, 3), (12, 3)] for lines in (sync_lines(run.log(p)) for p in workers))
+    in_job = run_training(TINY_MODEL + ["--global-batch-size", "12", "--lr", "3e-3", "--local-sgd-workers", "3"]
+                          + flags, 3)
+    # An elastic worker logs its own loss; the in-job run logs the mean over all workers.
+    for step, reference in enumerate(in_job[0]["losses"]):
+        assert abs(sum(r["losses"][step] for r in elastic) / 3 - reference) < 1e-5
+    for mine, reference in zip(elastic, in_job):
+        assert _params_equal(mine["params"], reference["params"])
+
+
+def _digest_at(result: dict, iteration: int):
+    """The main-shard digest a worker recorded after ``iteration`` (its first recorded iteration may be
+    later than 1: a worker that healed starts at the peers' iteration)."""
+    position = [it for it, _, _ in result["step_times"]].index(iteration)
+    return result["digests"][position]
+
+
+def test_worker_killed_mid_interval_others_go_on_and_restart_rejoins(tmp_path):
+    """Worker 2 dies (SIGKILL) at iteration 10, between the syncs of 8 and 12. Workers 0 and 1 commit the
+    following syncs without it and keep training; worker 2, started again with the same command, heals
+    from a live peer inside one of their syncs and is bitwise equal to them after its first own sync."""
+    # Worker 0 steps 4x slower (everyone waits for it at the syncs), so the survivors are still training
+    # when the restarted worker has imported megatron-core.
+    flags = ELASTIC + EDIT + ["--train-iters", "200", "--log-interval", "1", "--local-sgd-debug-fault", "2:kill:10",
+                              "--local-sgd-debug-slow-worker", "0:4"]
+    with ElasticRun(tmp_path, min_replicas=2) as run:
+        first = [run.start(w, flags) for w in range(3)]
+        assert run.wait(first[2], timeout=300) != 0  # killed
+        run.wait_for_line(first[0], r"workers \[2\] left")
+        run.wait_for_line(first[0], r"iteration\s+40/")  # further progress without worker 2
+        restarted = run.start(2, flags, name="worker2-again")
+        for proc in (first[0], first[1], restarted):
+            assert run.wait(proc) == 0, run.log(proc)[-3000:]
+        logs = [run.log(p) for p in (first[0], first[1], restarted)]
+        results = [run.results(p)[0] for p in (first[0], first[1], restarted)]
+    survivor = sync_lines(logs[0])
+    alone = [it for it, workers in survivor if workers == 2]
+    assert len(alone) >= 2 and alone[0] == 12, survivor  # the first sync after the kill is without it
+    losses = iteration_losses(logs[0])
+    assert sum(losses[it] for it in range(37, 41)) < sum(losses[it] for it in range(7, 11)) - 0.2
+    healed = int(__import__("re").search(r"joined the sync at iteration (\d+)", logs[2]).group(1))
+    assert healed > 40 and healed % 4 == 0
+    assert (healed + 4, 3) in survivor  # its first own sync has all three
+    first_own = _digest_at(results[0], healed + 4)
+    assert _digest_at(results[1], healed + 4) == first_own == _digest_at(results[2], healed + 4)
+    assert all(r["consumed_samples"] == 200 * 12 for r in results)
+    assert _params_equal(results[0]["params"], results[2]["params"])
+
+
+def test_worker_killed_inside_a_sync_is_left_out_of_that_sync(tmp_path):
+    """Worker 2 dies in the sync of iteration 8, after the norms' exchange, before the pseudo-gradient
+    reduction. The survivors' attempt fails, is retried without it, and ends exactly as in a run where
+    worker 2 died at iteration 6 (absent from the sync of 8 on): no hang, nothing of it in the anchor.
+    EDiT, so the penalty statistics the failed attempt updated must be restored too."""
+    base = ELASTIC + EDIT + ["--train-iters", "16"]
+    outcomes = {}
+    for kind, at in (("kill-in-sync", 8), ("kill", 6)):
+        with ElasticRun(tmp_path / kind, min_replicas=2) as run:
+            workers = [run.start(w, base + ["--local-sgd-debug-fault", f"2:{kind}:{at}"]) for w in range(3)]
+            assert run.wait(workers[2], timeout=300) != 0
+            for proc in workers[:2]:
+                assert run.wait(proc, timeout=300) == 0, run.log(proc)[-3000:]
+            outcomes[kind] = [run.results(p)[0] for p in workers[:2]], run.log(workers[0])
+    (in_sync, log), (before, _) = outcomes["kill-in-sync"], outcomes["kill"]
+    assert "sync attempts 2" in log and sync_lines(log) == [(4, 3), (8, 2), (12, 2), (16, 2)]
+    for a, b in zip(in_sync, before):
+        assert _params_equal(a["params"], b["params"])
+        assert a["losses"] == b["losses"]
+        assert _params_equal(a["penalty_stats"], b["penalty_stats"])  # the EWMA saw each sync once
