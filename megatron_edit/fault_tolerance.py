@@ -113,6 +113,7 @@ class ElasticWorker:
         self.healed_at: Optional[int] = None  # the iteration this worker took from a peer
         self.members: list[int] = []
         self.oldest_start = self.start_time
+        self.deadline_passed = False
         self.left: list[int] = []  # workers of the last quorum that are not in this one
         self.joined: list[int] = []
 
@@ -141,16 +142,16 @@ class ElasticWorker:
         """The startup quorum. Healed: take part in the peers' current sync as a receiving member.
         Otherwise (a fresh run, everybody at torchft step 0): wait for all W workers, at most
         --torchft-quorum-timeout after the first of them started (then go with whoever is there), and
-        commit the startup step. Every member of a quorum sees the same members and start times, so they
-        decide alike (up to clock skew at the deadline, which costs a late worker a heal, nothing else)."""
+        commit the startup step. The members decide from the quorum's shared table (everyone present, or
+        anyone's clock past the deadline), so they decide alike: a member that went on alone would wait
+        in its first sync for one still waiting here."""
         while True:
             self.transport.begin_sync()
             if self.healed_at is not None:
                 self.trainer.local_sgd.sync(self.healed_at, quorum_ready=True)
                 self.trainer.after_heal()
                 return
-            waited = time.time() - self.oldest_start
-            if len(self.members) < self.cfg.workers and waited < self.cfg.torchft_quorum_timeout:
+            if len(self.members) < self.cfg.workers and not self.deadline_passed:
                 time.sleep(0.5)  # the lighthouse forms the next quorum once the others heartbeat and join
                 continue
             if self.transport.commit():
@@ -160,14 +161,16 @@ class ElasticWorker:
         """After each quorum: who is in it; refuse this worker if its identity clashes (module doc)."""
         manager = self.manager
         slot, members = manager.participating_rank(), manager.num_participants()
+        late = time.time() - self.oldest_start >= self.cfg.torchft_quorum_timeout  # the startup vote (join)
         row = torch.tensor([float(self.worker_index), float(self.fingerprint[0]), float(self.fingerprint[1]),
-                            self.start_time], dtype=torch.float64)
+                            self.start_time, float(late)], dtype=torch.float64)
         rows = self.transport.gather_slots(row, slot if slot is not None else 0, max(members, 1))
         if manager.errored() is not None:
             return  # the attempt fails at its commit anyway
         table = [(int(r[0]), (int(r[1]), int(r[2])), float(r[3])) for r in rows.tolist()]
         oldest = min(range(len(table)), key=lambda i: (table[i][2], table[i][0]))
         self.oldest_start = table[oldest][2]
+        self.deadline_passed = bool(rows[:, 4].max() > 0)
         if table[oldest][1] != tuple(self.fingerprint) and (self.start_time, self.worker_index) != (
                 table[oldest][2], table[oldest][0]):
             raise ElasticError(

@@ -94,3 +94,37 @@ def test_worker_killed_inside_a_sync_is_left_out_of_that_sync(tmp_path):
         assert _params_equal(a["params"], b["params"])
         assert a["losses"] == b["losses"]
         assert _params_equal(a["penalty_stats"], b["penalty_stats"])  # the EWMA saw each sync once
+
+
+def test_bad_input_gives_one_clear_error_and_the_running_workers_go_on(tmp_path):
+    """An unreachable lighthouse; a worker whose flags differ from the running ones'; a second worker
+    claiming a running worker's index. Each exits with its one line; workers 0 and 1 (worker 2 died at
+    iteration 2) never count them in a sync and finish in agreement."""
+    flags = ELASTIC + DILOCO + ["--train-iters", "160", "--log-interval", "1", "--local-sgd-debug-slow-worker", "0:3",
+                                "--local-sgd-debug-fault", "2:kill:2"]
+    with ElasticRun(tmp_path, min_replicas=1) as run:
+        nowhere = run.start(2, flags, name="no-lighthouse", lighthouse="localhost:9")
+        assert run.wait(nowhere, timeout=300) != 0
+        assert "error: cannot reach the torchft lighthouse at localhost:9" in run.log(nowhere)
+        good = [run.start(w, flags) for w in range(3)]
+        assert run.wait(good[2], timeout=300) != 0
+        other_shape = run.start(2, _replace(flags, "--hidden-size", "64"), name="other-shape")
+        assert run.wait(other_shape, timeout=300) != 0
+        assert "flags that differ from the running workers': hidden_size 64 (running workers: 32)" in run.log(other_shape)
+        twin = run.start(1, flags, name="twin")
+        assert run.wait(twin, timeout=300) != 0
+        assert "worker index 1 (--replica-group-id) is held by a worker running since" in run.log(twin)
+        for proc in good[:2]:
+            assert run.wait(proc) == 0, run.log(proc)[-3000:]
+        logs = [run.log(p) for p in good[:2]]
+        results = [run.results(p)[0] for p in good[:2]]
+    assert all(workers == 2 for it, workers in sync_lines(logs[0])), sync_lines(logs[0])
+    assert sync_lines(logs[0])[-1] == (160, 2)
+    assert _params_equal(results[0]["params"], results[1]["params"])
+    losses = iteration_losses(logs[0])
+    assert losses[160] < losses[1] - 0.5
+
+
+def _replace(argv, flag, value):
+    i = argv.index(flag)
+    return argv[:i + 1] + [value] + argv[i + 2:]

@@ -311,6 +311,8 @@ class Trainer:
         window_losses: list[float] = []
         window_start = time.perf_counter()
         skipped = nan_iters = 0
+        if self.local_sgd is not None and self.local_sgd.slow is not None:
+            self.local_sgd.slow.after_sync()  # a straggler's clock starts at its first step, not at start-up
         while not self.finished():
             loss, grad_norm, ok, report = self.train_step()
             if not ok:
