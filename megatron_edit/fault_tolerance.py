@@ -111,6 +111,8 @@ class ElasticWorker:
         self.transport = TorchftTransport(self.manager, cfg.workers, self.worker_index)
         self.transport.after_quorum = self.check_members
         self.healed_at: Optional[int] = None  # the iteration this worker took from a peer
+        self.peer_phase: Optional[str] = None
+        self.phase = "sync"  # "startup" inside join(): what a peer healing from this rank must do next
         self.members: list[int] = []
         self.oldest_start = self.start_time
         self.deadline_passed = False
@@ -145,12 +147,23 @@ class ElasticWorker:
         commit the startup step. The members decide from the quorum's shared table (everyone present, or
         anyone's clock past the deadline), so they decide alike: a member that went on alone would wait
         in its first sync for one still waiting here."""
+        self.phase = "startup"
+        try:
+            self._join()
+        finally:
+            self.phase = "sync"
+
+    def _join(self) -> None:
         while True:
             self.transport.begin_sync()
-            if self.healed_at is not None:
+            if self.healed_at is not None and self.peer_phase == "sync":
+                self.phase = "sync"
                 self.trainer.local_sgd.sync(self.healed_at, quorum_ready=True)
                 self.trainer.after_heal()
                 return
+            if self.healed_at is not None:
+                self.trainer.after_heal(in_sync=False)
+                self.healed_at = None
             if len(self.members) < self.cfg.workers and not self.deadline_passed:
                 time.sleep(0.5)  # the lighthouse forms the next quorum once the others heartbeat and join
                 continue
@@ -195,6 +208,7 @@ class ElasticWorker:
         trainer, engine = self.trainer, self.trainer.local_sgd
         return {
             "fingerprint": self.fingerprint_text,
+            "phase": self.phase,  # the joiner follows the same protocol: startup or sync
             "iteration": trainer.iteration,
             "consumed_samples": trainer.consumed_samples,
             "scheduler": trainer.scheduler.state_dict(),
@@ -214,7 +228,10 @@ class ElasticWorker:
         mcore_adapter.load_inner_optimizer_state(trainer.optimizer, state["inner_optimizer"])
         trainer.local_sgd.load_outer_state_for_recovery(state["outer"])
         trainer.restart_data(trainer.iteration)
-        self.transport.contributing = False  # until its first commit: theta = anchor, delta = 0
+        self.peer_phase = state["phase"]
+        # Inside the peers' sync it only receives (theta = anchor, delta = 0); at a startup (a whole-run
+        # restart from checkpoints of different ages) it trains from the anchor like any member.
+        self.transport.contributing = self.peer_phase != "sync"
         self.healed_at = trainer.iteration
 
     def state_dict(self) -> dict:

@@ -128,3 +128,36 @@ def test_bad_input_gives_one_clear_error_and_the_running_workers_go_on(tmp_path)
 def _replace(argv, flag, value):
     i = argv.index(flag)
     return argv[:i + 1] + [value] + argv[i + 2:]
+
+
+def test_elastic_checkpoints_resume_bit_exactly_and_a_restart_from_mixed_ages_heals(tmp_path):
+    """Each worker saves in <save>/worker<I>/ (at 6: mid interval, theta != anchor). A whole-run restart
+    from step 6 continues bit-exactly. A restart where worker 2 finds only an older checkpoint (its
+    newer one was lost) heals it from a live peer at startup, and the run ends in agreement."""
+    root = str(tmp_path / "ckpt")
+    flags = ELASTIC + EDIT + ["--train-iters", "16", "--log-interval", "1", "--save", root, "--save-interval", "6"]
+    with ElasticRun(tmp_path / "straight", min_replicas=3) as run:
+        workers = [run.start(w, flags) for w in range(3)]
+        for proc in workers:
+            assert run.wait(proc) == 0, run.log(proc)[-3000:]
+        straight = [run.results(p)[0] for p in workers]
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "worker0").iterdir()) == [
+        "iter_0000006", "iter_0000012", "iter_0000016", "latest_checkpointed_iteration.txt"]
+    with ElasticRun(tmp_path / "resumed", min_replicas=3) as run:
+        workers = [run.start(w, flags + ["--load", root, "--ckpt-step", "6"]) for w in range(3)]
+        for proc in workers:
+            assert run.wait(proc) == 0, run.log(proc)[-3000:]
+        resumed = [run.results(p)[0] for p in workers]
+    for a, b in zip(resumed, straight):
+        assert a["losses"] == b["losses"][6:]
+        assert _params_equal(a["params"], b["params"])
+    # Worker 2 lost its checkpoints after 6; the others resume from 16 and train to 24.
+    more = _replace(flags, "--train-iters", "24")
+    with ElasticRun(tmp_path / "mixed", min_replicas=3) as run:
+        workers = [run.start(w, more + ["--load", root] + (["--ckpt-step", "6"] if w == 2 else [])) for w in range(3)]
+        for proc in workers:
+            assert run.wait(proc) == 0, run.log(proc)[-3000:]
+        mixed = [run.results(p)[0] for p in workers]
+        assert "healed from a live peer and starts at iteration 16" in run.log(workers[2])
+    assert all(r["consumed_samples"] == 24 * 12 for r in mixed)
+    assert _params_equal(mixed[0]["params"], mixed[2]["params"])

@@ -56,10 +56,21 @@ def _layout(trainer) -> dict:
 
 
 def _ranks(trainer) -> tuple[int, int, int, int]:
+    """(pp, tp, this job's data-parallel rank, rank in the worker). An elastic worker's job holds its own
+    data-parallel ranks only (its global data rank is worker x S + this)."""
     from megatron.core import parallel_state as ps
 
     return (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-            trainer.topology.data_parallel_rank, trainer.topology.intra_dp_group.rank())
+            trainer.topology.data_parallel_rank % trainer.args.data_parallel_size,
+            trainer.topology.intra_dp_group.rank())
+
+
+def checkpoint_root(trainer, path: str) -> str:
+    """--save / --load as given; an elastic worker (its own job) keeps its checkpoints in worker<I>/ below
+    it, so the workers of one run can share the flag."""
+    if getattr(trainer, "elastic", None) is not None:
+        return os.path.join(path, f"worker{trainer.topology.worker_index}")
+    return path
 
 
 def checkpoint_iteration(trainer) -> int:
@@ -109,9 +120,12 @@ def build_state_dict(trainer, plan: Plan, is_loading: bool) -> tuple[dict, dict]
         "consumed_samples": trainer.consumed_samples,
         "optimizer_step": mcore_adapter.inner_optimizer_step(trainer.optimizer),
     }
-    sd["progress"] = ShardedObject("megatron_edit.progress", progress, (plan.saved_workers if is_loading
-                                                                         else topo.num_workers,),
-                                   (plan.worker,), replica_id=(pp_rank, tp_rank, intra))
+    if getattr(trainer, "elastic", None) is not None:  # its own directory holds this worker only
+        slots, slot = 1, 0
+    else:
+        slots, slot = (plan.saved_workers if is_loading else topo.num_workers), plan.worker
+    sd["progress"] = ShardedObject("megatron_edit.progress", progress, (slots,), (slot,),
+                                   replica_id=(pp_rank, tp_rank, intra))
     if plan.same_layout:
         rank_state = None if is_loading else _rank_state(trainer)
         sd["rank_state"] = ShardedObject("megatron_edit.rank_state", rank_state,
@@ -143,6 +157,8 @@ def _common(trainer, plan: Plan) -> dict:
             "outer_state": False, "momentum": False}
     if ls is not None:
         meta.update(local_sgd_state.metadata(ls, plan.local_sgd))
+    if getattr(trainer, "elastic", None) is not None:
+        meta["torchft"] = trainer.elastic.state_dict()  # torchft's committed step (torchft #277)
     return {
         "checkpoint_version": 3.0,
         "iteration": checkpoint_iteration(trainer),
@@ -175,7 +191,7 @@ def save_checkpoint(trainer) -> str:
     """Collective. Writes <save>/iter_N atomically (files.py) and returns its path."""
     from megatron.core import dist_checkpointing
 
-    root = trainer.args.save
+    root = checkpoint_root(trainer, trainer.args.save)
     iteration = checkpoint_iteration(trainer)
     ls = trainer.local_sgd
     trainer.sync_params_for_reading()
@@ -216,18 +232,19 @@ def load_checkpoint(trainer) -> Optional[int]:
 
     start = time.perf_counter()
     args = trainer.args
-    iteration = files.read_tracker(args.load)
+    root = checkpoint_root(trainer, args.load)
+    iteration = files.read_tracker(root)
     if args.ckpt_step is not None:
         iteration = args.ckpt_step
-        if not os.path.isdir(files.iteration_dir(args.load, iteration)):
-            raise files.CheckpointError(f"--ckpt-step {iteration}: {files.iteration_dir(args.load, iteration)} "
+        if not os.path.isdir(files.iteration_dir(root, iteration)):
+            raise files.CheckpointError(f"--ckpt-step {iteration}: {files.iteration_dir(root, iteration)} "
                                         "does not exist")
     if iteration is None:
         if dist.get_rank() == 0:
-            print(f" > no checkpoint found in {args.load} ({files.TRACKER} missing); training from scratch",
+            print(f" > no checkpoint found in {root} ({files.TRACKER} missing); training from scratch",
                   flush=True)
         return None
-    directory = files.iteration_dir(args.load, iteration)
+    directory = files.iteration_dir(root, iteration)
     _distributed_verify(directory)
     try:
         common = dist_checkpointing.load_common_state_dict(directory)
@@ -289,6 +306,8 @@ def _apply(trainer, plan: Plan, meta: dict, common: dict, loaded: dict, params_o
     mcore_adapter.set_param_group_lr_bounds(trainer.optimizer, trainer.scheduler.max_lr, trainer.scheduler.min_lr)
     trainer.iteration = int(progress["iteration"])
     trainer.consumed_samples = int(progress["consumed_samples"])
+    if getattr(trainer, "elastic", None) is not None and meta.get("torchft") is not None:
+        trainer.elastic.load_state_dict(meta["torchft"])
     if "rank_state" in loaded:
         state = loaded["rank_state"]
         random.setstate(state["random"])

@@ -163,10 +163,12 @@ class Trainer:
             f"{local_sgd_cfg.method if local_sgd_cfg else 'synchronous'}"
         )
 
-    def after_heal(self) -> None:
-        """This worker took a live peer's state inside the peers' current sync (fault_tolerance.py)."""
-        print_rank_0(f" > elastic: worker {self.topology.worker_index} healed from a live peer and joined the "
-                     f"sync at iteration {self.iteration} (consumed samples {self.consumed_samples})")
+    def after_heal(self, in_sync: bool = True) -> None:
+        """This worker took a live peer's state, inside the peers' current sync or at a startup (a
+        whole-run restart whose checkpoints differ in age) (fault_tolerance.py)."""
+        where = "joined the sync" if in_sync else "starts"
+        print_rank_0(f" > elastic: worker {self.topology.worker_index} healed from a live peer and {where} at "
+                     f"iteration {self.iteration} (consumed samples {self.consumed_samples})")
 
     def restart_data(self, batch: int) -> None:
         """Training data from global batch ``batch`` on (the data position is the iteration)."""
