@@ -233,6 +233,9 @@ class ElasticWorker:
         # restart from checkpoints of different ages) it trains from the anchor like any member.
         self.transport.contributing = self.peer_phase != "sync"
         self.healed_at = trainer.iteration
+        # Its saves continue at the peers' next --save-interval boundary, not at once (a save now would
+        # make it miss the peers' next sync).
+        trainer.last_saved_iteration = trainer.iteration
 
     def state_dict(self) -> dict:
         """torchft's committed step, for checkpoints (torchft #277: a restart must resume it)."""

@@ -418,7 +418,14 @@ class LocalSGD:
 
     def losses_since_sync(self) -> torch.Tensor:
         """[W, 2]: every worker's (sum, count) of training losses since the last sync, on every rank (a
-        worker's TP ranks each count the same tokens, which the mean does not notice). Collective."""
+        worker's TP ranks each count the same tokens, which the mean does not notice). Collective. An
+        elastic worker saves on its own (outside a quorum): its row only, over its own ranks."""
+        if self.transport.fault_tolerant:
+            local = self._loss_acc.clone()
+            dist.all_reduce(local, group=self.topo.worker_group)
+            rows = torch.zeros(self.topo.num_workers, 2, dtype=local.dtype, device=local.device)
+            rows[self.topo.worker_index] = local
+            return rows
         return self._sum_in_worker_gather_across(self._loss_acc.clone())
 
     def restore_losses_since_sync(self, saved: torch.Tensor) -> None:

@@ -99,7 +99,7 @@ def rank_pids(proc: subprocess.Popen) -> list[int]:
     import psutil
 
     pids = []
-    for child in psutil.Process(proc.pid).children(recursive=True):
+    for child in psutil.Process(proc.pid).children():  # the launcher's own children (not their helpers)
         try:
             if "spawn_main" in " ".join(child.cmdline()):
                 pids.append(child.pid)

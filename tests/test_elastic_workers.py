@@ -1,4 +1,7 @@
 """Elastic workers on torchft (--local-sgd-fault-tolerance): 3 worker jobs plus a lighthouse per test."""
+import os
+import signal
+
 import pytest
 import torch
 
@@ -15,23 +18,32 @@ def _params_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", [DILOCO, EDIT], ids=["diloco", "edit"])
-def test_elastic_run_without_failures_equals_the_in_job_run(tmp_path, method):
-    """3 worker jobs through torchft == 3 workers in one job, bitwise, over 3 syncs: the transport is the
-    only difference. The lighthouse waits for all 3, so every sync has every worker."""
+STREAMING = ["--local-sgd", "streaming", "--streaming-fragments", "2", "--local-sgd-sync-interval", "2",
+             "--streaming-overlap-steps", "0", "--outer-grad-dtype", "fp32"]
+DP2 = ["--use-distributed-optimizer", "--global-batch-size", "24"]  # 2 ranks per worker: its own distopt
+
+
+@pytest.mark.parametrize("method,ranks", [(DILOCO, 1), (EDIT, 1), (STREAMING, 1), (EDIT + DP2, 2)],
+                         ids=["diloco", "edit", "streaming", "edit-2-ranks-distopt"])
+def test_elastic_run_without_failures_equals_the_in_job_run(tmp_path, method, ranks):
+    """3 worker jobs through torchft == 3 workers in one job, bitwise, over 3 syncs (streaming: 6
+    fragment syncs): the transport is the only difference. The lighthouse waits for all 3, so every
+    sync has every worker."""
     flags = method + ["--train-iters", "12"]
     with ElasticRun(tmp_path, min_replicas=3) as run:
-        workers = [run.start(w, ELASTIC + flags) for w in range(3)]
+        workers = [run.start(w, ELASTIC + flags, nproc=ranks) for w in range(3)]
         for proc in workers:
             assert run.wait(proc) == 0, run.log(proc)[-3000:]
-        elastic = [run.results(p)[0] for p in workers]
-        assert all(lines == [(4, 3), (8, 3), (12, 3)] for lines in (sync_lines(run.log(p)) for p in workers))
+        elastic = [r for p in workers for r in run.results(p)]
+        logged = [sync_lines(run.log(p)) for p in workers]
     in_job = run_training(TINY_MODEL + ["--global-batch-size", "12", "--lr", "3e-3", "--local-sgd-workers", "3"]
-                          + flags, 3)
+                          + flags, 3 * ranks)
+    expected = [(it, 3) for it in in_job[0]["sync_steps"]]
+    assert len(expected) >= 3 and all(lines == expected for lines in logged), (logged[0], expected)
     # An elastic worker logs its own loss; the in-job run logs the mean over all workers.
     for step, reference in enumerate(in_job[0]["losses"]):
-        assert abs(sum(r["losses"][step] for r in elastic) / 3 - reference) < 1e-5
-    for mine, reference in zip(elastic, in_job):
+        assert abs(sum(r["losses"][step] for r in elastic[::ranks]) / 3 - reference) < 1e-5
+    for mine, reference in zip(elastic, in_job):  # worker-major rank order in both
         assert _params_equal(mine["params"], reference["params"])
 
 
@@ -48,7 +60,7 @@ def test_worker_killed_mid_interval_others_go_on_and_restart_rejoins(tmp_path):
     from a live peer inside one of their syncs and is bitwise equal to them after its first own sync."""
     # Worker 0 steps 4x slower (everyone waits for it at the syncs), so the survivors are still training
     # when the restarted worker has imported megatron-core.
-    flags = ELASTIC + EDIT + ["--train-iters", "200", "--log-interval", "1", "--local-sgd-debug-fault", "2:kill:10",
+    flags = ELASTIC + EDIT + ["--train-iters", "320", "--log-interval", "1", "--local-sgd-debug-fault", "2:kill:10",
                               "--local-sgd-debug-slow-worker", "0:4"]
     with ElasticRun(tmp_path, min_replicas=2) as run:
         first = [run.start(w, flags) for w in range(3)]
@@ -70,7 +82,7 @@ def test_worker_killed_mid_interval_others_go_on_and_restart_rejoins(tmp_path):
     assert (healed + 4, 3) in survivor  # its first own sync has all three
     first_own = _digest_at(results[0], healed + 4)
     assert _digest_at(results[1], healed + 4) == first_own == _digest_at(results[2], healed + 4)
-    assert all(r["consumed_samples"] == 200 * 12 for r in results)
+    assert all(r["consumed_samples"] == 320 * 12 for r in results)
     assert _params_equal(results[0]["params"], results[2]["params"])
 
 
@@ -161,3 +173,26 @@ def test_elastic_checkpoints_resume_bit_exactly_and_a_restart_from_mixed_ages_he
         assert "healed from a live peer and starts at iteration 16" in run.log(workers[2])
     assert all(r["consumed_samples"] == 24 * 12 for r in mixed)
     assert _params_equal(mixed[0]["params"], mixed[2]["params"])
+
+
+def test_kill_minus_nine_of_one_rank_takes_its_worker_out_not_the_run(tmp_path):
+    """Workers of 2 ranks (distributed optimizer inside each). SIGKILL of one rank of worker 2: its job
+    goes down (its launcher reaps the other rank, as torchrun's agent does), workers 0 and 1 go on
+    without it and finish in agreement."""
+    flags = ELASTIC + EDIT + DP2 + ["--train-iters", "40", "--log-interval", "1", "--local-sgd-debug-slow-worker", "0:3"]
+    with ElasticRun(tmp_path, min_replicas=2) as run:
+        workers = [run.start(w, flags, nproc=2) for w in range(3)]
+        run.wait_for_line(workers[2], r"iteration\s+5/")
+        victim = rank_pids(workers[2])
+        assert len(victim) == 2
+        os.kill(victim[1], signal.SIGKILL)
+        assert run.wait(workers[2], timeout=120) != 0
+        for proc in workers[:2]:
+            assert run.wait(proc) == 0, run.log(proc)[-3000:]
+        log = run.log(workers[0])
+        results = [r for p in workers[:2] for r in run.results(p)]
+    assert "workers [2] left" in log
+    lines = sync_lines(log)
+    assert lines[-1] == (40, 2) and sum(1 for _, w in lines if w == 2) >= 2, lines
+    assert _params_equal(results[0]["params"], results[2]["params"])
+    assert _params_equal(results[1]["params"], results[3]["params"])
