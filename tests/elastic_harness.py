@@ -41,8 +41,9 @@ class ElasticRun:
             [sys.executable, "-c", LIGHTHOUSE, str(min_replicas), str(join_timeout_ms), str(heartbeat_timeout_ms)],
             stdout=subprocess.PIPE, stderr=open(tmp_path / "lighthouse.log", "wb"), start_new_session=True)
         self.procs.append(self.lighthouse)
-        self.address = self.lighthouse.stdout.readline().decode().strip()
-        assert self.address.startswith("http"), self.address
+        address = self.lighthouse.stdout.readline().decode().strip()
+        assert address.startswith("http"), address
+        self.address = "http://localhost:" + address.rsplit(":", 1)[1]  # it names the host; all is local here
 
     def __enter__(self):
         return self

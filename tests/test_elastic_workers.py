@@ -112,7 +112,7 @@ def test_bad_input_gives_one_clear_error_and_the_running_workers_go_on(tmp_path)
     """An unreachable lighthouse; a worker whose flags differ from the running ones'; a second worker
     claiming a running worker's index. Each exits with its one line; workers 0 and 1 (worker 2 died at
     iteration 2) never count them in a sync and finish in agreement."""
-    flags = ELASTIC + DILOCO + ["--train-iters", "160", "--log-interval", "1", "--local-sgd-debug-slow-worker", "0:3",
+    flags = ELASTIC + DILOCO + ["--train-iters", "300", "--log-interval", "1", "--local-sgd-debug-slow-worker", "0:3",
                                 "--local-sgd-debug-fault", "2:kill:2"]
     with ElasticRun(tmp_path, min_replicas=1) as run:
         nowhere = run.start(2, flags, name="no-lighthouse", lighthouse="localhost:9")
@@ -131,10 +131,10 @@ def test_bad_input_gives_one_clear_error_and_the_running_workers_go_on(tmp_path)
         logs = [run.log(p) for p in good[:2]]
         results = [run.results(p)[0] for p in good[:2]]
     assert all(workers == 2 for it, workers in sync_lines(logs[0])), sync_lines(logs[0])
-    assert sync_lines(logs[0])[-1] == (160, 2)
+    assert sync_lines(logs[0])[-1] == (300, 2)
     assert _params_equal(results[0]["params"], results[1]["params"])
     losses = iteration_losses(logs[0])
-    assert losses[160] < losses[1] - 0.5
+    assert losses[300] < losses[1] - 0.5
 
 
 def _replace(argv, flag, value):

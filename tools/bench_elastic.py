@@ -104,7 +104,7 @@ def run_elastic(args, work: str) -> dict:
                                   stderr=open(os.path.join(work, "lighthouse.log"), "wb"), start_new_session=True)
     jobs = []
     try:
-        address = lighthouse.stdout.readline().decode().strip()
+        address = "http://localhost:" + lighthouse.stdout.readline().decode().strip().rsplit(":", 1)[1]
         flags = model_flags(args) + [
             "--local-sgd", "edit", "--no-local-sgd-layerwise", "--local-sgd-sync-interval", str(args.sync_interval),
             "--local-sgd-workers", "3", "--local-sgd-fault-tolerance", "--torchft-lighthouse", address,
