@@ -200,6 +200,9 @@ class LocalSGDConfig:
                               "makes only an fp32 all-reduce fault tolerant; use fp32")
         if self.outer_grad_error_feedback:
             raise ConfigError(f"{flag('outer_grad_error_feedback')} needs a quantized wire, which {ft} cannot use")
+        if self.offload_outer_state:
+            raise ConfigError(f"{flag('offload_outer_state')} cannot run with {ft} (not built: the staging of a "
+                              "sync attempt that does not commit is not undone)")
         if self.warmup_iters > 0:
             raise ConfigError(f"{flag('warmup_iters')} {self.warmup_iters} cannot run with {ft}: the synchronous "
                               "warmup all-reduces gradients across workers every step, outside a quorum; use 0")

@@ -236,6 +236,8 @@ class ElasticWorker:
         # Its saves continue at the peers' next --save-interval boundary, not at once (a save now would
         # make it miss the peers' next sync).
         trainer.last_saved_iteration = trainer.iteration
+        if self.phase == "sync":  # it fell behind (missed a sync) and healed inside a later one
+            trainer.after_heal(in_sync=True)
 
     def state_dict(self) -> dict:
         """torchft's committed step, for checkpoints (torchft #277: a restart must resume it)."""

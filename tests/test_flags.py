@@ -452,6 +452,7 @@ def test_fault_tolerance_defaults_switch_off_what_torchft_cannot_carry(method):
     (["--local-sgd", "streaming", "--streaming-overlap-steps", "1"], "--streaming-overlap-steps"),
     (["--local-sgd", "streaming", "--outer-grad-dtype", "fp4-e3m0"], "--outer-grad-dtype"),
     (["--local-sgd", "diloco", "--local-sgd-warmup-iters", "4"], "--local-sgd-warmup-iters"),
+    (["--local-sgd", "diloco", "--local-sgd-offload-outer-state"], "--local-sgd-offload-outer-state"),
     (["--local-sgd", "diloco", "--torchft-min-replicas", "3"], "--torchft-min-replicas"),
     (["--local-sgd", "diloco", "--torchft-timeout", "0"], "--torchft-timeout"),
     (["--local-sgd", "diloco", "--replica-group-id", "2"], "--replica-group-id"),
