@@ -201,10 +201,25 @@ def spawn_training(argv: Sequence[str], world_size: int, keep_params: bool = Tru
     """Train on `world_size` local gloo ranks; returns each rank's result dict (index = global rank).
     ``keep_snapshots``: every iteration, a copy of each fp32 main shard of the local-SGD engine.
     ``timeout``: seconds before every rank is killed and TimeoutError raised."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        run_processes(_rank_main, (world_size, _free_port(), list(argv), out_dir, keep_params, keep_snapshots),
-                      world_size, timeout)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+    stateless = not {"--save", "--load"} & set(argv)
+    for attempt in (1, 2):
+        with tempfile.TemporaryDirectory() as out_dir:
+            try:
+                run_processes(_rank_main, (world_size, _free_port(), list(argv), out_dir, keep_params,
+                                           keep_snapshots), world_size, timeout)
+            except mp.ProcessExitedException as e:
+                if attempt == 2 or not stateless or e.signal_name not in NATIVE_CRASHES:
+                    raise
+                print(f"spawn_training: a rank died of {e.signal_name} (native code); running once more",
+                      file=sys.stderr, flush=True)
+                continue
+            return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+# A rank killed by one of these died in native code (seen once in CI: SIGSEGV of rank 0 in a 4-rank
+# interleaved-pipeline run on megatron-core 0.19.2, which passed in every run before and in 3 reruns); a
+# run that writes no checkpoint is repeated once. Wrong results, Python errors and a second crash fail.
+NATIVE_CRASHES = ("SIGSEGV", "SIGBUS", "SIGABRT")
 
 
 def loss_curve(results: list[dict]) -> list[float]:
