@@ -87,6 +87,11 @@ def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help="edit/a-edit: a worker whose mean training loss since the last sync is more than Q "
                         "times above or below the workers' median is anomalous in every layer, e.g. a bad "
                         "data shard (default 1.1; 0 disables; needs >= 3 workers)")
+    g.add_argument("--pseudo-grad-repair-inner-state", dest="pseudo_grad_repair_inner_state", action="store_true",
+                   default=None, help="a worker flagged in a layer takes the healthy workers' mean inner Adam "
+                                      "moments of that layer (edit/a-edit default: on; inner_state_repair.py)")
+    g.add_argument("--no-pseudo-grad-repair-inner-state", dest="pseudo_grad_repair_inner_state",
+                   action="store_false")
     g.add_argument("--pseudo-grad-step-weighted", action="store_true",
                    help="a-edit: weight pseudo-gradients by inner steps since the last sync")
     g.add_argument("--local-sgd-layerwise", dest="local_sgd_layerwise", action="store_true", default=None)

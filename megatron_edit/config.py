@@ -46,6 +46,7 @@ class LocalSGDConfig:
     weighting: str = "uniform"  # "norm": the EDiT paper's softmax(-G/T) (see pseudo_grad_penalty.py: why not default)
     peer_ratio: Optional[float] = None  # R of the two-sided cross-worker test (peer_outliers): 4 for edit/a-edit
     loss_ratio: Optional[float] = None  # Q of the cross-worker loss test (loss_outliers): 1.1 for edit/a-edit
+    repair_inner_state: Optional[bool] = None  # inner_state_repair.py: on for edit/a-edit
     step_weighted: bool = False  # a-edit: weight pseudo-gradients by inner steps since the last sync
     layerwise: Optional[bool] = None  # on for edit/a-edit
     offload_outer_state: bool = False
@@ -76,10 +77,12 @@ class LocalSGDConfig:
         _check_choice("outer_optimizer", self.outer_optimizer, OUTER_OPTIMIZERS)
         _check_choice("streaming_pattern", self.streaming_pattern, STREAMING_PATTERNS)
         has_penalty = self.method in PENALTY_METHODS
-        for name in ("pseudo_grad_clip", "anomaly_threshold", "weighting", "peer_ratio", "loss_ratio"):
+        for name in ("pseudo_grad_clip", "anomaly_threshold", "weighting", "peer_ratio", "loss_ratio",
+                     "repair_inner_state"):
             if name in self.explicit and not has_penalty:
+                typed = "--no-" + FLAG_OF[name] if getattr(self, name) is False else flag(name)
                 raise ConfigError(
-                    f"{flag(name)} needs a method with a pseudo-gradient penalty "
+                    f"{typed} needs a method with a pseudo-gradient penalty "
                     f"(--local-sgd edit or a-edit), not --local-sgd {self.method}"
                 )
         for name in ("torchft_lighthouse", "replica_group_id", "torchft_min_replicas", "torchft_timeout",
@@ -94,6 +97,8 @@ class LocalSGDConfig:
             self.peer_ratio = DEFAULT_PEER_RATIO if has_penalty else 0.0
         if self.loss_ratio is None:
             self.loss_ratio = DEFAULT_LOSS_RATIO if has_penalty else 0.0
+        if self.repair_inner_state is None:
+            self.repair_inner_state = has_penalty
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         if self.fault_tolerance:
             self._check_fault_tolerance()
@@ -272,6 +277,7 @@ FLAG_OF = {
     "weighting": "pseudo-grad-weighting",
     "peer_ratio": "pseudo-grad-peer-ratio",
     "loss_ratio": "pseudo-grad-loss-ratio",
+    "repair_inner_state": "pseudo-grad-repair-inner-state",
     "step_weighted": "pseudo-grad-step-weighted",
     "layerwise": "local-sgd-layerwise",
     "offload_outer_state": "local-sgd-offload-outer-state",

@@ -35,9 +35,10 @@ import torch.distributed as dist
 
 from megatron_edit import mcore_adapter
 from megatron_edit.async_trigger import AsyncSyncController
-from megatron_edit.config import LocalSGDConfig
+from megatron_edit.config import ConfigError, LocalSGDConfig
 from megatron_edit.fault_injection import FaultInjector, SlowWorker, model_vocab_size
 from megatron_edit.fp8 import write_back_model_params
+from megatron_edit.inner_state_repair import repair_inner_state, repair_weights, repaired_names
 from megatron_edit.inter_worker_transport import ProcessGroupTransport
 from megatron_edit.outer_optimizer import needs_outer_momentum, outer_step
 from megatron_edit.outer_state import (
@@ -90,12 +91,14 @@ class SyncReport:
     fragment: str = "all"
     inner_steps: Optional[list[int]] = None  # a-edit: per worker, since the previous sync
     attempts: int = 1  # elastic workers: quorums it took (a member lost mid-sync costs one more)
+    repaired: list[str] = field(default_factory=list)  # inner_state_repair.py: whose moments, which layers
 
     def as_log_fields(self) -> dict:
         return dict(iteration=self.iteration, workers=self.workers, fragment=self.fragment,
                     pseudo_grad_norm=self.pseudo_grad_norm, anomalous=self.anomalous,
                     bytes_sent=self.bytes_sent, bytes_sent_total=self.bytes_sent_total,
-                    wire_format=self.wire_format, sync_ms=self.sync_ms, inner_steps=self.inner_steps)
+                    wire_format=self.wire_format, sync_ms=self.sync_ms, inner_steps=self.inner_steps,
+                    repaired=self.repaired)
 
     def scalars(self) -> dict:
         return {"local-sgd/pseudo-grad-norm": self.pseudo_grad_norm,
@@ -164,6 +167,13 @@ class LocalSGD:
                 peer_ratio=cfg.peer_ratio, loss_ratio=cfg.loss_ratio,
             )
         self.stats = init_stats(self.L, self.device)
+        if cfg.repair_inner_state:
+            why_not = mcore_adapter.check_fp32_inner_moments(optimizer)
+            if why_not is not None:
+                raise ConfigError(f"--pseudo-grad-repair-inner-state averages fp32 inner moments, but {why_not}; "
+                                  "pass --no-pseudo-grad-repair-inner-state")
+        self._anomalous: Optional[torch.Tensor] = None  # [W, L] of the last sync (penalty only)
+        self._repair_numel = 0  # inner moments the last sync's repair reduced (log line bytes)
         # Loss test: this rank's [sum, count] of per-token training losses since the last sync (the last
         # pipeline stage only; reduced over the worker at the sync, riding on the norms' collectives).
         # It needs 3 workers to decide anything (loss_outliers), so with fewer it costs nothing.
@@ -454,8 +464,10 @@ class LocalSGD:
         step_weights = self.async_ctl.exchange() if self.async_ctl is not None else None
         norms, anomalous = self._compute_weights([s for s in self.shards if id(s) in members],
                                                  step_weights if self.cfg.step_weighted else None)
+        repaired, _ = self._repair_inner_state([s for s in self.shards if id(s) in members], apply=True)
         self._key_norm_cache = {}
         sent = sum(self._predicted_unit_bytes(i) for i in indices) + self._norm_bytes()
+        sent += self.transport.predicted_bytes(self._repair_numel, "fp32", self.cfg.outer_grad_block_size)
         self.bytes_sent_total += sent
         skip_host = self._skip.tolist()  # one host sync per sync (the anomaly names above made one already)
         for i in indices:
@@ -482,6 +494,7 @@ class LocalSGD:
             wire_format=self.cfg.outer_grad_dtype, sync_ms=(time.perf_counter() - start) * 1000.0,
             fragment=",".join(self.units[i].name for i in indices) if self.streaming else "all",
             inner_steps=self.async_ctl.last_steps_per_worker if self.async_ctl is not None else None,
+            repaired=repaired,
         )
 
     def _sync_fault_tolerant(self, iteration: int, unit_indices: Optional[list[int]],
@@ -504,6 +517,8 @@ class LocalSGD:
             quorum_ready = False
             members = {id(s) for i in indices for s in self.units[i].shards}
             norms, anomalous = self._compute_weights([s for s in self.shards if id(s) in members])
+            repaired, repair_copies = self._repair_inner_state(
+                [s for s in self.shards if id(s) in members], apply=False)
             if self.faults is not None:
                 self.faults.in_sync(iteration)
             self._key_norm_cache = {}
@@ -523,6 +538,8 @@ class LocalSGD:
             if attempts >= MAX_SYNC_ATTEMPTS:
                 raise RuntimeError(f"sync at iteration {iteration} failed {attempts} times in a row "
                                    "(torchft should_commit); see the torchft log lines above")
+        for destination, values in repair_copies:
+            destination.copy_(values)
         for i in indices:
             self._apply_outer_step(i)
             unit = self.units[i]
@@ -530,6 +547,7 @@ class LocalSGD:
         self._regather_params()
         self.transport.contributing = True
         sent = sum(self._predicted_unit_bytes(i) for i in indices) + self._norm_bytes()
+        sent += self.transport.predicted_bytes(self._repair_numel, "fp32", self.cfg.outer_grad_block_size)
         self.bytes_sent_total += sent
         present = int(self._present.sum())
         return SyncReport(
@@ -538,7 +556,7 @@ class LocalSGD:
             anomalous=anomalous, bytes_sent=sent, bytes_sent_total=self.bytes_sent_total,
             wire_format=self.cfg.outer_grad_dtype, sync_ms=(time.perf_counter() - start) * 1000.0,
             fragment=",".join(self.units[i].name for i in indices) if self.streaming else "all",
-            attempts=attempts,
+            attempts=attempts, repaired=repaired,
         )
 
     def outer_state_for_recovery(self) -> dict:
@@ -658,8 +676,36 @@ class LocalSGD:
                     anomalous_names.append(f"w{w}[nonfinite: {' '.join(layer_key_name(k, self.num_layers) for k in layers)}]")
         self._weights = weights[self.topo.worker_index]
         self._skip = skip
+        self._anomalous = anomalous if self.penalty_cfg is not None else None
         self._last_norms = norms
         return norms, anomalous_names
+
+    def _repair_inner_state(self, shards: list[OuterShard], apply: bool):
+        """inner_state_repair.py: in every layer where a member was just flagged, the flagged workers take
+        the healthy members' mean inner moments (same decision on every rank: the anomaly matrix is
+        everyone's). Returns (log names, copies still to make when ``apply`` is False)."""
+        self._repair_numel = 0
+        if not self.cfg.repair_inner_state or self._anomalous is None:
+            return [], []
+        anomalous = self._anomalous.cpu()  # the anomaly names made this host sync already
+        if not bool(anomalous.any()):
+            return [], []
+        weights = repair_weights(anomalous, self._present)
+        if not bool((weights > 0).any()):
+            return [], []
+        moments = mcore_adapter.inner_moments(self.optimizer, [s.main for s in shards])
+        needed = (weights.sum(dim=0) > 0).tolist()
+        self._repair_numel = sum(t.numel() for s, m in zip(shards, moments) if needed[s.key] for t in m)
+        copies = repair_inner_state(
+            [(s.key, m) for s, m in zip(shards, moments)], weights, anomalous, self.topo.worker_index,
+            self._sum_fp32_across,
+            self.cfg.sync_chunk_size, apply=apply)
+        return repaired_names(anomalous, weights, lambda k: layer_key_name(k, self.num_layers)), copies
+
+    def _sum_fp32_across(self, buffer: torch.Tensor) -> torch.Tensor:
+        handle = self.transport.launch_sum(buffer, "fp32", self.cfg.outer_grad_block_size)
+        self.bytes_sent_measured += handle.bytes_sent
+        return handle.wait()
 
     # ---- outer state where the update runs (offload: pinned host memory, staged a unit ahead)
     def _stage(self, index: int) -> None:

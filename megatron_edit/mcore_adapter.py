@@ -352,6 +352,36 @@ def inner_optimizer_state(optimizer: Any) -> list[dict]:
     return out
 
 
+def inner_moments(optimizer: Any, mains: list) -> list[list]:
+    """Per fp32 main param (the objects ``main_param_pairs`` returns), the live fp32 state tensors of its
+    shape in the torch inner optimizer (Adam: ``exp_avg``, ``exp_avg_sq``; ``max_exp_avg_sq`` with
+    amsgrad), for inner_state_repair.py. Same ``opt.optimizer`` reliance as inner_optimizer_state; a
+    parameter with no state yet gives []. megatron-core's precision-aware optimizer (TE FusedAdam, its
+    moments kept in bf16/fp8 with scales) is refused by ``check_fp32_inner_moments`` instead."""
+    state_of = {}
+    for opt in sub_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            for p in group["params"]:
+                state_of[id(p)] = inner.state.get(p, {})
+    out = []
+    for main in mains:
+        state = state_of.get(id(main), {})
+        out.append([v for k, v in state.items() if k != "step" and hasattr(v, "shape")
+                    and v.shape == main.shape and str(v.dtype) == "torch.float32"])
+    return out
+
+
+def check_fp32_inner_moments(optimizer: Any) -> Optional[str]:
+    """Why the inner moments cannot be averaged as fp32 tensors (``OptimizerConfig.
+    use_precision_aware_optimizer``, 0.16.1 to 0.19.2), or None."""
+    for opt in sub_optimizers(optimizer):
+        config = getattr(opt, "config", None)
+        if getattr(config, "use_precision_aware_optimizer", False):
+            return "--use-precision-aware-optimizer keeps the inner moments in reduced precision"
+    return None
+
+
 def load_inner_optimizer_state(optimizer: Any, states: list[dict]) -> None:
     """Inverse of inner_optimizer_state on a worker of the same layout (same shards in the same order)."""
     params = [(getattr(opt, "optimizer", None), p) for opt in sub_optimizers(optimizer)

@@ -147,8 +147,10 @@ def test_loss_spike_freezes_a_worker_and_the_peer_test_leaves_it_out():
     moments jump by 1e6; its first moment carries the spike for ~10 steps, then the worker is nearly
     frozen and its pseudo-gradients collapse. The peer test flags worker 1, and only worker 1, at every
     sync from iteration 14 on (first the output layer, then all of it); nobody before. (The paper's
-    one-sided test against the history flags nobody in this run: the norm falls, it does not rise.)"""
-    results = run_training(PEER_EDIT + ["--local-sgd-debug-fault", "1:loss-spike:3"], 4)
+    one-sided test against the history flags nobody in this run: the norm falls, it does not rise.)
+    Without the repair of its inner state, which the next test covers."""
+    results = run_training(PEER_EDIT + ["--local-sgd-debug-fault", "1:loss-spike:3",
+                                        "--no-pseudo-grad-repair-inner-state"], 4)
     by_worker = {r["worker"]: r for r in results}
     assert by_worker[1]["faults_injected"] == 1 and by_worker[0]["faults_injected"] == 0
     events = dict(results[0]["sync_anomalous"])
@@ -157,6 +159,37 @@ def test_loss_spike_freezes_a_worker_and_the_peer_test_leaves_it_out():
     for iteration in range(14, 25, 2):
         assert events[iteration] and all(n.startswith("w1[") for n in events[iteration]), (iteration, events)
     assert "layer0" in events[24][0]
+
+    assert all(r["sync_repaired"] == [(i, []) for i in range(2, 25, 2)] for r in results)
+
+
+def test_a_flagged_workers_inner_state_is_repaired_from_its_healthy_peers():
+    """The run above with edit's default repair (inner_state_repair.py). At 14 worker 1 is flagged in
+    the output layer; right after that sync its Adam moments of that layer are the mean of workers 0, 2
+    and 3's (theirs unchanged by it), so the output layer is healthy at 16, 18 and 20. Its other layers,
+    still frozen, are flagged at 22 and repaired; the sync of 24 flags nobody. Without the repair worker 1
+    is flagged at every sync from 14 on (previous test)."""
+    results = run_training(PEER_EDIT + ["--local-sgd-debug-fault", "1:loss-spike:3"], 4, keep_snapshots=True)
+    by_worker = {r["worker"]: r for r in results}
+    events, repaired = dict(results[0]["sync_anomalous"]), dict(results[0]["sync_repaired"])
+    assert all(events[i] == [] for i in range(2, 13, 2)), events
+    assert events[14] == repaired[14] == ["w1[output]"], events
+    assert all(not any("output" in name for name in events[i]) for i in (16, 18, 20)), events
+    assert repaired[22] == events[22] and events[22][0].startswith("w1[") and "layer0" in events[22][0], events
+    assert events[24] == [], events
+    output_key = 4 + 2
+    keys = by_worker[0]["shard_keys"]
+    moments = {w: dict(by_worker[w]["sync_moments"])[14] for w in range(4)}
+    checked = 0
+    for s, key in enumerate(keys):
+        for m in range(len(moments[1][s])):
+            mean = sum(moments[w][s][m] for w in (0, 2, 3)) / 3
+            if key == output_key:
+                torch.testing.assert_close(moments[1][s][m], mean, rtol=1e-5, atol=0)
+                checked += 1
+            else:
+                assert not torch.allclose(moments[1][s][m], mean, rtol=1e-3), (s, m)
+    assert checked >= 2  # exp_avg and exp_avg_sq of at least one output shard
 
 
 def test_bad_data_shard_is_left_out_by_the_loss_test():

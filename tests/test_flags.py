@@ -267,6 +267,16 @@ def test_loss_ratio_defaults_and_needs_a_penalty():
           "--local-sgd edit or a-edit")
 
 
+def test_inner_state_repair_defaults_and_needs_a_penalty():
+    assert ok(LSGD + ["--local-sgd", "edit"])[1].repair_inner_state is True
+    assert ok(LSGD + ["--local-sgd", "a-edit"])[1].repair_inner_state is True
+    assert ok(LSGD + ["--local-sgd", "edit", "--no-pseudo-grad-repair-inner-state"])[1].repair_inner_state is False
+    assert ok(LSGD + ["--local-sgd", "diloco"])[1].repair_inner_state is False
+    for method, flag_name in [("diloco", "--pseudo-grad-repair-inner-state"),
+                              ("streaming", "--no-pseudo-grad-repair-inner-state")]:
+        fails(LSGD + ["--local-sgd", method, flag_name], 4, flag_name, "--local-sgd edit or a-edit")
+
+
 def test_peer_ratio_reaches_the_penalty():
     _, cfg = ok(LSGD + ["--local-sgd", "edit"])
     assert cfg.peer_ratio == 4.0

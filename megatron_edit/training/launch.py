@@ -66,7 +66,7 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
     digests, step_times = [], []
     last = [time.perf_counter()]
 
-    snapshots, sync_events, sync_anomalous, sync_steps = [], [], [], []
+    snapshots, sync_events, sync_anomalous, sync_steps, sync_repaired, sync_moments = [], [], [], [], [], []
 
     def on_step(t) -> None:
         now = time.perf_counter()
@@ -75,6 +75,10 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
         if t.last_sync_report is not None:
             sync_anomalous.append((t.iteration, list(t.last_sync_report.anomalous)))
             sync_steps.append(checkpoint_iteration(t))  # A-EDiT: the agreed step count at the sync
+            sync_repaired.append((t.iteration, list(t.last_sync_report.repaired)))
+            if keep_snapshots:  # the inner moments right after the sync (inner_state_repair.py)
+                moments = mcore_adapter.inner_moments(t.optimizer, [s.main for s in t.local_sgd.shards])
+                sync_moments.append((t.iteration, [[m.detach().clone() for m in ms] for ms in moments]))
         digests.append(main_shard_digest(t))
         if keep_snapshots:
             snapshots.append([s.main.detach().float().clone() for s in t.local_sgd.shards])
@@ -118,6 +122,8 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, 
         sync_event_bytes=sync_events,
         sync_anomalous=sync_anomalous,
         sync_steps=sync_steps,
+        sync_repaired=sync_repaired,
+        sync_moments=sync_moments,
         penalty_stats={k: v.clone() for k, v in vars(local_sgd.stats).items()} if local_sgd else {},
         faults_injected=local_sgd.faults.injected if local_sgd is not None and local_sgd.faults is not None else 0,
         shard_keys=[s.key for s in local_sgd.shards] if local_sgd else [],
@@ -199,7 +205,8 @@ def run_processes(fn, args: tuple, nprocs: int, timeout: float):
 def spawn_training(argv: Sequence[str], world_size: int, keep_params: bool = True,
                    keep_snapshots: bool = False, timeout: float = 900.0) -> list[dict]:
     """Train on `world_size` local gloo ranks; returns each rank's result dict (index = global rank).
-    ``keep_snapshots``: every iteration, a copy of each fp32 main shard of the local-SGD engine.
+    ``keep_snapshots``: every iteration, a copy of each fp32 main shard of the local-SGD engine (and at
+    every sync, of its inner moments).
     ``timeout``: seconds before every rank is killed and TimeoutError raised."""
     stateless = not {"--save", "--load"} & set(argv)
     for attempt in (1, 2):

@@ -64,10 +64,13 @@ def sync_line(
     wire_format: str,
     sync_ms: float,
     inner_steps: Optional[Sequence[int]] = None,
+    repaired: Optional[Sequence[str]] = None,
 ) -> str:
     s = f" local-sgd sync | iteration {iteration:8d} | workers: {workers} | fragment: {fragment} |"
     s += f" pseudo-grad norm: {pseudo_grad_norm:.6E} |"
     s += f" anomalous workers: {','.join(anomalous) if anomalous else 'none'} |"
+    if repaired:  # only at a sync that replaced a flagged worker's inner moments (inner_state_repair.py)
+        s += f" inner state repaired: {','.join(repaired)} |"
     s += f" outer bytes sent ({wire_format}): {bytes_sent} | outer bytes sent total: {bytes_sent_total} |"
     if inner_steps is not None:
         s += f" inner steps per worker: {','.join(str(n) for n in inner_steps)} |"
