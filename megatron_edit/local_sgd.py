@@ -24,7 +24,6 @@ The math lives in outer_optimizer.py and pseudo_grad_penalty.py; this file moves
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from megatron_edit.outer_state import (
 )
 from megatron_edit.pseudo_grad_penalty import (
     PenaltyConfig,
+    PenaltyStats,
     clip_coefficient,
     init_stats,
     loss_outliers,
@@ -506,8 +506,7 @@ class LocalSGD:
         start = time.perf_counter()
         indices = list(range(len(self.units))) if unit_indices is None else unit_indices
         self._sync_iteration = iteration
-        saved_stats = dataclasses.replace(self.stats, **{f.name: getattr(self.stats, f.name).clone()
-                                                         for f in dataclasses.fields(self.stats)})
+        saved_stats = self.stats.clone()
         saved_losses = self._loss_acc.clone()
         attempts = 0
         while True:
@@ -532,8 +531,7 @@ class LocalSGD:
             for i in indices:  # discard the attempt: theta, anchor and momentum were not touched
                 unit = self.units[i]
                 unit.combined, unit.launched, unit.advanced, unit.pending = None, False, False, False
-            self.stats = dataclasses.replace(saved_stats, **{f.name: getattr(saved_stats, f.name).clone()
-                                                             for f in dataclasses.fields(saved_stats)})
+            self.stats = saved_stats.clone()
             self._loss_acc.copy_(saved_losses)
             if attempts >= MAX_SYNC_ATTEMPTS:
                 raise RuntimeError(f"sync at iteration {iteration} failed {attempts} times in a row "
@@ -565,7 +563,7 @@ class LocalSGD:
         return {
             "anchor": [s.anchor.detach().clone() for s in self.shards],
             "momentum": [s.momentum.detach().clone() if s.momentum is not None else None for s in self.shards],
-            "stats": {f.name: getattr(self.stats, f.name).clone() for f in dataclasses.fields(self.stats)},
+            "stats": self.stats.clone().state_dict(),
         }
 
     def load_outer_state_for_recovery(self, state: dict) -> None:
@@ -580,7 +578,7 @@ class LocalSGD:
                 if s.momentum is not None and momentum is not None:
                     s.momentum.copy_(momentum)
                 s.main.copy_(anchor)
-        self.stats = dataclasses.replace(self.stats, **{k: v.to(self.device) for k, v in state["stats"].items()})
+        self.stats = PenaltyStats(**{k: v.to(self.device) for k, v in state["stats"].items()})
         self._loss_acc.zero_()
         for unit in self.units:
             write_back_model_params(unit, self.model, self.optimizer, self.num_layers)

@@ -147,6 +147,10 @@ class PenaltyStats:
     def num_layers(self) -> int:
         return self.mean.shape[0]
 
+    def clone(self) -> "PenaltyStats":
+        """An independent copy (elastic workers keep one to restore after a sync that did not commit)."""
+        return PenaltyStats(**{k: v.clone() for k, v in self.state_dict().items()})
+
     def state_dict(self) -> dict[str, Tensor]:
         return {"mean": self.mean, "var": self.var, "count": self.count, "var_weight": self.var_weight}
 
