@@ -167,11 +167,15 @@ class LocalSGD:
                 peer_ratio=cfg.peer_ratio, loss_ratio=cfg.loss_ratio,
             )
         self.stats = init_stats(self.L, self.device)
-        if cfg.repair_inner_state:
-            why_not = mcore_adapter.check_fp32_inner_moments(optimizer)
-            if why_not is not None:
-                raise ConfigError(f"--pseudo-grad-repair-inner-state averages fp32 inner moments, but {why_not}; "
-                                  "pass --no-pseudo-grad-repair-inner-state")
+        self._repair_enabled = cfg.repair_inner_state
+        why_not = mcore_adapter.check_fp32_inner_moments(optimizer) if cfg.repair_inner_state else None
+        if why_not is not None and "repair_inner_state" in cfg.explicit:
+            raise ConfigError(f"--pseudo-grad-repair-inner-state averages fp32 inner moments, but {why_not}; "
+                              "pass --no-pseudo-grad-repair-inner-state")
+        if why_not is not None:  # edit's default, not asked for: off, and said once
+            self._repair_enabled = False
+            if dist.get_rank() == 0:
+                print(f"> local-sgd: the repair of a flagged worker's inner state is off: {why_not}", flush=True)
         self._anomalous: Optional[torch.Tensor] = None  # [W, L] of the last sync (penalty only)
         self._repair_numel = 0  # inner moments the last sync's repair reduced (log line bytes)
         # Loss test: this rank's [sum, count] of per-token training losses since the last sync (the last
@@ -683,7 +687,7 @@ class LocalSGD:
         the healthy members' mean inner moments (same decision on every rank: the anomaly matrix is
         everyone's). Returns (log names, copies still to make when ``apply`` is False)."""
         self._repair_numel = 0
-        if not self.cfg.repair_inner_state or self._anomalous is None:
+        if not self._repair_enabled or self._anomalous is None:
             return [], []
         anomalous = self._anomalous.cpu()  # the anomaly names made this host sync already
         if not bool(anomalous.any()):

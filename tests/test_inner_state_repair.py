@@ -111,3 +111,24 @@ def test_nobody_flagged_means_no_collective():
     moments = [_worker_moments(0), _worker_moments(1)]
     _, calls = _run_workers(moments, torch.zeros(2, 2, dtype=torch.bool))
     assert calls == [0, 0]
+
+
+def test_adapter_finds_the_live_adam_moments_and_refuses_reduced_precision_ones():
+    """mcore_adapter.inner_moments: the torch optimizer megatron-core wraps (``opt.optimizer``), its
+    live fp32 state of the parameter's shape (not ``step``); none before the first step."""
+    from types import SimpleNamespace
+
+    from megatron_edit import mcore_adapter
+
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    adam = torch.optim.AdamW([p, q], lr=0.1)
+    wrapped = SimpleNamespace(optimizer=adam, config=SimpleNamespace(use_precision_aware_optimizer=False))
+    assert mcore_adapter.inner_moments(wrapped, [p, q]) == [[], []]
+    p.grad, q.grad = torch.ones(3), torch.ones(2)
+    adam.step()
+    moments = mcore_adapter.inner_moments(SimpleNamespace(chained_optimizers=[wrapped]), [q])
+    assert len(moments[0]) == 2 and all(m.data_ptr() in (adam.state[q]["exp_avg"].data_ptr(),
+                                                         adam.state[q]["exp_avg_sq"].data_ptr()) for m in moments[0])
+    assert mcore_adapter.check_fp32_inner_moments(wrapped) is None
+    wrapped.config.use_precision_aware_optimizer = True
+    assert "--use-precision-aware-optimizer" in mcore_adapter.check_fp32_inner_moments(wrapped)

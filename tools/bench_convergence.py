@@ -9,7 +9,7 @@ training entry on local gloo ranks). Runs are named METHOD or METHOD+FAULT:
   diloco          --local-sgd diloco (all-at-once outer Nesterov step)
   edit            --local-sgd edit with its defaults (layer-wise sync; penalty: anomaly elimination by the EWMA
                   z-test, the two-sided peer test and the loss test, uniform weights over the healthy
-                  workers, clipping)
+                  workers, clipping; a flagged worker's inner Adam moments repaired from the healthy ones)
   edit-paper      edit with the EDiT paper's penalty: softmax(-G/T) weights, no peer or loss test
                   (--pseudo-grad-weighting norm --pseudo-grad-peer-ratio 0 --pseudo-grad-loss-ratio 0)
   streaming       --local-sgd streaming, 2 fragments, tau 1, fp4-e3m0 wire
