@@ -37,7 +37,7 @@ from megatron_edit.async_trigger import AsyncSyncController
 from megatron_edit.config import ConfigError, LocalSGDConfig
 from megatron_edit.fault_injection import FaultInjector, SlowWorker, model_vocab_size
 from megatron_edit.fp8 import write_back_model_params
-from megatron_edit.inner_state_repair import repair_inner_state, repair_weights, repaired_names
+from megatron_edit.inner_state_repair import repair_inner_state, repair_plan
 from megatron_edit.inter_worker_transport import ProcessGroupTransport
 from megatron_edit.outer_optimizer import needs_outer_momentum, outer_step
 from megatron_edit.outer_state import (
@@ -91,7 +91,7 @@ class SyncReport:
     fragment: str = "all"
     inner_steps: Optional[list[int]] = None  # a-edit: per worker, since the previous sync
     attempts: int = 1  # elastic workers: quorums it took (a member lost mid-sync costs one more)
-    repaired: list[str] = field(default_factory=list)  # inner_state_repair.py: whose moments, which layers
+    repaired: list[str] = field(default_factory=list)  # inner_state_repair.py: workers whose moments were replaced
 
     def as_log_fields(self) -> dict:
         return dict(iteration=self.iteration, workers=self.workers, fragment=self.fragment,
@@ -398,12 +398,15 @@ class LocalSGD:
 
     def _maybe_corrupt(self, iteration: int) -> None:
         """Fault injection: with probability PROB, worker W's gradients get N(0, SCALE^2) noise. The
-        decision is the same on every rank; the noise is the same on the ranks of one TP/PP slice."""
+        decision is the same on every rank; the noise is the same on the ranks of one TP/PP slice. Not
+        in the synchronous warmup (the draw is still made, so later hits stay where they were): there the
+        gradients are averaged over the workers, so a hit would reach every worker, which is a fault of
+        synchronous training that no cross-worker test can see."""
         from megatron.core import parallel_state as ps
 
         worker, scale, prob = self.cfg.debug_corrupt_worker
         hit = torch.rand(1, generator=self._corrupt_gen).item() < prob
-        if not hit or self.topo.worker_index != worker:
+        if not hit or self.topo.worker_index != worker or is_warmup(iteration, self.cfg.warmup_iters):
             return
         gen = torch.Generator().manual_seed(
             self.seed * 131 + iteration * 17 + ps.get_tensor_model_parallel_rank() * 7
@@ -683,26 +686,22 @@ class LocalSGD:
         return norms, anomalous_names
 
     def _repair_inner_state(self, shards: list[OuterShard], apply: bool):
-        """inner_state_repair.py: in every layer where a member was just flagged, the flagged workers take
-        the healthy members' mean inner moments (same decision on every rank: the anomaly matrix is
-        everyone's). Returns (log names, copies still to make when ``apply`` is False)."""
+        """inner_state_repair.py: a worker just flagged in any layer takes the healthy workers' mean
+        inner moments (the same decision on every rank: the anomaly matrix is everyone's). Returns (log
+        names, copies still to make when ``apply`` is False)."""
         self._repair_numel = 0
         if not self._repair_enabled or self._anomalous is None:
             return [], []
         anomalous = self._anomalous.cpu()  # the anomaly names made this host sync already
-        if not bool(anomalous.any()):
+        donor_weight, repaired = repair_plan(anomalous, self._present)
+        if not bool(repaired.any()):
             return [], []
-        weights = repair_weights(anomalous, self._present)
-        if not bool((weights > 0).any()):
-            return [], []
-        moments = mcore_adapter.inner_moments(self.optimizer, [s.main for s in shards])
-        needed = (weights.sum(dim=0) > 0).tolist()
-        self._repair_numel = sum(t.numel() for s, m in zip(shards, moments) if needed[s.key] for t in m)
-        copies = repair_inner_state(
-            [(s.key, m) for s, m in zip(shards, moments)], weights, anomalous, self.topo.worker_index,
-            self._sum_fp32_across,
-            self.cfg.sync_chunk_size, apply=apply)
-        return repaired_names(anomalous, weights, lambda k: layer_key_name(k, self.num_layers)), copies
+        moments = [m for ms in mcore_adapter.inner_moments(self.optimizer, [s.main for s in shards]) for m in ms]
+        self._repair_numel = sum(m.numel() for m in moments)
+        w = self.topo.worker_index
+        copies = repair_inner_state(moments, float(donor_weight[w]), bool(repaired[w]), self._sum_fp32_across,
+                                    self.cfg.sync_chunk_size, apply=apply)
+        return [f"w{i}" for i in repaired.nonzero().flatten().tolist()], copies
 
     def _sum_fp32_across(self, buffer: torch.Tensor) -> torch.Tensor:
         handle = self.transport.launch_sum(buffer, "fp32", self.cfg.outer_grad_block_size)

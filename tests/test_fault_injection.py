@@ -165,31 +165,26 @@ def test_loss_spike_freezes_a_worker_and_the_peer_test_leaves_it_out():
 
 def test_a_flagged_workers_inner_state_is_repaired_from_its_healthy_peers():
     """The run above with edit's default repair (inner_state_repair.py). At 14 worker 1 is flagged in
-    the output layer; right after that sync its Adam moments of that layer are the mean of workers 0, 2
-    and 3's (theirs unchanged by it), so the output layer is healthy at 16, 18 and 20. Its other layers,
-    still frozen, are flagged at 22 and repaired; the sync of 24 flags nobody. Without the repair worker 1
+    the output layer; right after that sync all its Adam moments (every layer) are the mean of workers 0,
+    2 and 3's, which keep their own, and nobody is flagged at any later sync. Without the repair worker 1
     is flagged at every sync from 14 on (previous test)."""
     results = run_training(PEER_EDIT + ["--local-sgd-debug-fault", "1:loss-spike:3"], 4, keep_snapshots=True)
     by_worker = {r["worker"]: r for r in results}
     events, repaired = dict(results[0]["sync_anomalous"]), dict(results[0]["sync_repaired"])
     assert all(events[i] == [] for i in range(2, 13, 2)), events
-    assert events[14] == repaired[14] == ["w1[output]"], events
-    assert all(not any("output" in name for name in events[i]) for i in (16, 18, 20)), events
-    assert repaired[22] == events[22] and events[22][0].startswith("w1[") and "layer0" in events[22][0], events
-    assert events[24] == [], events
-    output_key = 4 + 2
-    keys = by_worker[0]["shard_keys"]
-    moments = {w: dict(by_worker[w]["sync_moments"])[14] for w in range(4)}
+    assert events[14] == ["w1[output]"] and repaired[14] == ["w1"], (events, repaired)
+    assert all(events[i] == [] and repaired[i] == [] for i in range(16, 25, 2)), events
+    moments = {w: dict(by_worker[w]["sync_moments"]) for w in range(4)}
     checked = 0
-    for s, key in enumerate(keys):
-        for m in range(len(moments[1][s])):
-            mean = sum(moments[w][s][m] for w in (0, 2, 3)) / 3
-            if key == output_key:
-                torch.testing.assert_close(moments[1][s][m], mean, rtol=1e-5, atol=0)
-                checked += 1
-            else:
-                assert not torch.allclose(moments[1][s][m], mean, rtol=1e-3), (s, m)
-    assert checked >= 2  # exp_avg and exp_avg_sq of at least one output shard
+    for s in range(len(moments[1][14])):
+        for m in range(len(moments[1][14][s])):
+            mean = sum(moments[w][14][s][m] for w in (0, 2, 3)) / 3
+            # fp32 sums in another order: tolerance relative to the tensor's scale
+            torch.testing.assert_close(moments[1][14][s][m], mean, rtol=1e-5, atol=1e-6 * float(mean.abs().max()))
+            for w in (0, 2, 3):  # the donors' own moments, not the mean
+                assert not torch.allclose(moments[w][14][s][m], mean, rtol=1e-3, atol=0), (w, s, m)
+            checked += 1
+    assert checked == 2 * len(by_worker[1]["shard_keys"])  # exp_avg and exp_avg_sq of every shard
 
 
 def test_bad_data_shard_is_left_out_by_the_loss_test():

@@ -4,32 +4,32 @@ import threading
 import pytest
 import torch
 
-from megatron_edit.inner_state_repair import repair_inner_state, repair_weights, repaired_names
+from megatron_edit.inner_state_repair import repair_inner_state, repair_plan
 
 
-def test_weights_are_the_healthy_mean_where_a_member_is_flagged():
+def test_a_worker_flagged_in_any_layer_is_repaired_from_the_workers_flagged_in_none():
     anomalous = torch.tensor([[False, False, False],
-                              [True, False, True],
-                              [False, False, True],
+                              [True, False, False],
+                              [False, False, False],
                               [False, False, True]])
-    weights = repair_weights(anomalous, torch.ones(4, dtype=torch.bool))
-    third = 1 / 3
-    assert weights[:, 0].tolist() == pytest.approx([third, 0, third, third])
-    assert weights[:, 1].tolist() == [0, 0, 0, 0]  # nobody flagged: no repair
-    assert weights[:, 2].tolist() == [1, 0, 0, 0]  # one healthy worker is the mean
-    assert repaired_names(anomalous, weights, lambda k: f"layer{k}") == [
-        "w1[layer0 layer2]", "w2[layer2]", "w3[layer2]"]
+    weights, repaired = repair_plan(anomalous, torch.ones(4, dtype=torch.bool))
+    assert repaired.tolist() == [False, True, False, True]
+    assert weights.tolist() == [0.5, 0, 0.5, 0]
+    nobody = repair_plan(torch.zeros(4, 3, dtype=torch.bool), torch.ones(4, dtype=torch.bool))
+    assert not nobody[0].any() and not nobody[1].any()
 
 
 def test_no_healthy_worker_or_absent_workers_are_no_donors():
-    everyone = torch.ones(3, 2, dtype=torch.bool)
-    assert not repair_weights(everyone, torch.ones(3, dtype=torch.bool)).any()
+    everyone = torch.tensor([[True, False], [False, True], [True, False]])  # each flagged somewhere
+    weights, repaired = repair_plan(everyone, torch.ones(3, dtype=torch.bool))
+    assert not weights.any() and not repaired.any()
     anomalous = torch.tensor([[True, False], [False, False], [False, False]])
     present = torch.tensor([True, False, True])  # elastic: worker 1 is not in this sync
-    weights = repair_weights(anomalous, present)
-    assert weights[:, 0].tolist() == [0, 0, 1] and weights[:, 1].tolist() == [0, 0, 0]
+    weights, repaired = repair_plan(anomalous, present)
+    assert weights.tolist() == [0, 0, 1] and repaired.tolist() == [True, False, False]
     absent_flagged = torch.tensor([[False, False], [True, False], [False, False]])
-    assert not repair_weights(absent_flagged, present).any()  # an absent worker is not repaired
+    weights, repaired = repair_plan(absent_flagged, present)
+    assert not repaired.any()  # an absent worker is not repaired
 
 
 class _Collective:
@@ -54,11 +54,14 @@ class _Collective:
 
 def _run_workers(moments, anomalous, apply=True, chunk_size=3):
     W = len(moments)
-    weights = repair_weights(anomalous, torch.ones(W, dtype=torch.bool))
+    weights, repaired = repair_plan(anomalous, torch.ones(W, dtype=torch.bool))
     collective, out = _Collective(W), [None] * W
+    if not repaired.any():
+        return out, collective.calls
 
     def work(w):
-        out[w] = repair_inner_state(moments[w], weights, anomalous, w, collective.sum_for(w), chunk_size, apply)
+        out[w] = repair_inner_state(moments[w], float(weights[w]), bool(repaired[w]), collective.sum_for(w),
+                                    chunk_size, apply)
 
     threads = [threading.Thread(target=work, args=(w,)) for w in range(W)]
     [t.start() for t in threads]
@@ -67,44 +70,43 @@ def _run_workers(moments, anomalous, apply=True, chunk_size=3):
 
 
 def _worker_moments(w, nan=False):
-    """Two shards: layer 0 (two moment tensors of 7 elements) and layer 1 (one of 4)."""
+    """Three moment tensors: two of 7 elements, one of 4."""
     a = torch.full((7,), float(w + 1))
     b = torch.arange(7, dtype=torch.float32) * (w + 1)
     c = torch.full((4,), 10.0 * (w + 1))
     if nan:
         a[2] = float("nan")
         b[0] = float("inf")
-    return [(0, [a, b]), (1, [c])]
+    return [a, b, c]
 
 
-def test_flagged_worker_takes_the_healthy_mean_in_its_flagged_layers_only():
-    """Worker 1 (its moments NaN/Inf in places) is flagged in layer 0 of 3 workers: its layer-0 moments
-    become the mean of workers 0 and 2 (no NaN leaks in), its layer 1 and every healthy worker's
-    moments are untouched; chunks of 3 elements (7 = 3 + 3 + 1) make 3 + 3 reductions per worker."""
+def test_flagged_worker_takes_the_healthy_mean_and_nothing_else_moves():
+    """Worker 1 (its moments NaN/Inf in places) is flagged in one layer of 3 workers: all its moments
+    become the mean of workers 0 and 2 (no NaN leaks in); the healthy workers' are untouched; chunks of
+    3 elements (7 = 3 + 3 + 1, 4 = 3 + 1) make 8 reductions per worker."""
     moments = [_worker_moments(0), _worker_moments(1, nan=True), _worker_moments(2)]
-    before = [[[t.clone() for t in ts] for _, ts in m] for m in moments]
-    anomalous = torch.tensor([[False, False], [True, False], [False, False]])
+    before = [[t.clone() for t in m] for m in moments]
+    anomalous = torch.tensor([[False, False], [False, True], [False, False]])
     _, calls = _run_workers(moments, anomalous)
-    assert calls == [6, 6, 6]
-    (_, (a, b)), (_, (c,)) = moments[1]
+    assert calls == [8, 8, 8]
+    a, b, c = moments[1]
     assert torch.equal(a, torch.full((7,), 2.0))  # (1 + 3) / 2
     assert torch.equal(b, torch.arange(7, dtype=torch.float32) * 2.0)
-    assert torch.equal(c, before[1][1][0])
+    assert torch.equal(c, torch.full((4,), 20.0))
     for w in (0, 2):
-        for (_, ts), old in zip(moments[w], before[w]):
-            assert all(torch.equal(t, o) for t, o in zip(ts, old))
+        assert all(torch.equal(t, o) for t, o in zip(moments[w], before[w]))
 
 
 def test_elastic_mode_returns_the_copies_and_touches_nothing():
     moments = [_worker_moments(0), _worker_moments(1), _worker_moments(2)]
-    before = [t.clone() for _, ts in moments[1] for t in ts]
+    before = [t.clone() for t in moments[1]]
     anomalous = torch.tensor([[False, False], [True, False], [False, False]])
     out, _ = _run_workers(moments, anomalous, apply=False)
-    assert all(torch.equal(t, o) for t, o in zip([t for _, ts in moments[1] for t in ts], before))
-    assert out[0] == [] and out[2] == [] and len(out[1]) == 6
+    assert all(torch.equal(t, o) for t, o in zip(moments[1], before))
+    assert out[0] == [] and out[2] == [] and len(out[1]) == 8
     for destination, values in out[1]:
         destination.copy_(values)
-    assert torch.equal(moments[1][0][1][0], torch.full((7,), 2.0))
+    assert torch.equal(moments[1][0], torch.full((7,), 2.0))
 
 
 def test_nobody_flagged_means_no_collective():

@@ -30,11 +30,12 @@ random-sign step of about lr per element, carried by Adam's momentum for ~10 mor
 total); afterwards the hit worker's inflated second moment leaves it nearly frozen for the rest of a short
 run. So every run here uses --clip-grad 0 (same for all methods), and the default spec is 1:1.0:0.05: worker
 1, noise std 1.0 (~1000x the per-element size of a clean gradient of this model, ~1e-3), probability 0.05.
-With seed 1234 the hits are at iterations 35, 68, 136, 138, 139, 175, 183, all after the 16 synchronous
-warmup iterations (a hit during warmup is averaged into every worker; the tool prints the schedule for the
-seed in use and warns). Measured on this machine (192 iterations): DiLoCo's validation loss is 0.02-0.06
-worse at every evaluation, a small but consistent damage; EDiT loses more, because its softmax(-G/T)
-weighting gives the *frozen* worker (smallest pseudo-gradient norm) the largest weight after the hit.
+With seed 1234 the hits are at iterations 35, 68, 136, 138, 139, 175, 183. None is applied in the
+synchronous warmup (gradients are averaged over the workers then, so a hit would reach every worker);
+the tool prints the schedule for the seed in use. Measured on this machine (192 iterations, seed 1234):
+DiLoCo's validation loss is 0.02-0.06 worse at every evaluation; EDiT with the paper's softmax(-G/T)
+weighting lost more, because that gives the *frozen* worker (smallest pseudo-gradient norm) the largest
+weight after the hit. EDiT's defaults leave it out and repair its inner state (README tables).
 A larger SCALE does not help (Adam caps the step; a SCALE whose square overflows fp32 freezes the worker at
 once). SCALE=inf makes the worker's parameters NaN: the fp32 cross-worker all-reduce replaces non-finite
 entries by 0, so DiLoCo then just loses that worker's share of the step and EDiT flags the worker as
@@ -95,8 +96,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--train-iters", type=int, default=192)
     p.add_argument("--sync-interval", type=int, default=16)
     p.add_argument("--warmup-iters", type=int, default=16,
-                   help="--local-sgd-warmup-iters (synchronous steps; the anchor is taken at their end). Fault "
-                        "injection during warmup reaches every worker (gradients are averaged then)")
+                   help="--local-sgd-warmup-iters (synchronous steps; the anchor is taken at their end); gradient "
+                        "noise is not injected in it (it would reach every worker)")
     p.add_argument("--eval-interval", type=int, default=48,
                    help="keep it (and --train-iters) on sync iterations: a validation between syncs measures "
                         "the mean loss of the workers' unsynchronised models, not the agreed model")
@@ -172,13 +173,14 @@ def parse_sync_lines(log_path: str) -> list[tuple[int, float, str]]:
     return out
 
 
-def corruption_hits(seed: int, prob: float, iters: int) -> list[int]:
+def corruption_hits(seed: int, prob: float, iters: int, warmup: int) -> list[int]:
     """Iterations whose gradients get noise: mirrors LocalSGD._maybe_corrupt (one draw per iteration from
-    a generator seeded with seed + 7919). Informative only; the training code decides."""
+    a generator seeded with seed + 7919, none applied in the synchronous warmup). Informative only; the
+    training code decides."""
     import torch
 
     gen = torch.Generator().manual_seed(seed + 7919)
-    return [i for i in range(1, iters + 1) if torch.rand(1, generator=gen).item() < prob]
+    return [i for i in range(1, iters + 1) if torch.rand(1, generator=gen).item() < prob and i > warmup]
 
 
 def compact(xs: list[int]) -> str:
@@ -463,7 +465,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lines.append(f"| {tag} | failed: {why} | | | | | | | |")
     table = "\n".join(lines)
 
-    hits = {seed: corruption_hits(seed, float(prob), a.train_iters) for seed in seeds}
+    hits = {seed: corruption_hits(seed, float(prob), a.train_iters, a.warmup_iters) for seed in seeds}
     notes = [
         f"Setup: corpus {a.corpus}, {a.nproc} ranks (DP {a.nproc}; local SGD: {a.nproc} workers of 1 rank), "
         f"{a.num_layers} layers x hidden {a.hidden_size}, seq {a.seq_length}, global batch {a.global_batch_size} "
