@@ -5,7 +5,8 @@ Readable top to bottom:
   after_optimizer_step   - anchor at the end of warmup; every H steps a sync:
       1. per-layer norms G_w of delta_w = anchor - theta_w (one all-reduce in the worker, one
          all-gather across workers: every rank gets G [W, L])
-      2. penalty weights (pure function; uniform 1/W without a penalty)
+      2. penalty weights (pure function; uniform 1/W without a penalty); a worker the penalty flags
+         takes the healthy workers' mean inner Adam moments (inner_state_repair.py)
       3. per unit (all shards at once, or one DDP bucket group in layer-wise mode):
          cross-worker all-reduce of weight_w * delta_w; clip by the per-layer norm of the result
          (reduced over the worker's ranks of this pipeline stage); outer Nesterov step on the anchor;
