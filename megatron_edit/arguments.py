@@ -88,8 +88,8 @@ def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         "times above or below the workers' median is anomalous in every layer, e.g. a bad "
                         "data shard (default 1.1; 0 disables; needs >= 3 workers)")
     g.add_argument("--pseudo-grad-repair-inner-state", dest="pseudo_grad_repair_inner_state", action="store_true",
-                   default=None, help="a worker flagged in a layer takes the healthy workers' mean inner Adam "
-                                      "moments of that layer (edit/a-edit default: on; inner_state_repair.py)")
+                   default=None, help="a worker flagged in any layer takes the mean inner Adam moments of the "
+                                      "workers flagged in none (edit/a-edit default: on; inner_state_repair.py)")
     g.add_argument("--no-pseudo-grad-repair-inner-state", dest="pseudo_grad_repair_inner_state",
                    action="store_false")
     g.add_argument("--pseudo-grad-step-weighted", action="store_true",
