@@ -470,9 +470,9 @@ class LocalSGD:
         # Global shard order, whatever the unit layout: the norms (and so the weights) must be bitwise
         # the same for layer-wise and all-at-once syncs.
         step_weights = self.async_ctl.exchange() if self.async_ctl is not None else None
-        norms, anomalous = self._compute_weights([s for s in self.shards if id(s) in members],
-                                                 step_weights if self.cfg.step_weighted else None)
-        repaired, _ = self._repair_inner_state([s for s in self.shards if id(s) in members], apply=True)
+        member_shards = [s for s in self.shards if id(s) in members]
+        norms, anomalous = self._compute_weights(member_shards, step_weights if self.cfg.step_weighted else None)
+        repaired, _ = self._repair_inner_state(member_shards, apply=True)
         self._key_norm_cache = {}
         sent = sum(self._predicted_unit_bytes(i) for i in indices) + self._norm_bytes()
         sent += self.transport.predicted_bytes(self._repair_numel, "fp32", self.cfg.outer_grad_block_size)
@@ -523,9 +523,9 @@ class LocalSGD:
                 self.transport.begin_sync()
             quorum_ready = False
             members = {id(s) for i in indices for s in self.units[i].shards}
-            norms, anomalous = self._compute_weights([s for s in self.shards if id(s) in members])
-            repaired, repair_copies = self._repair_inner_state(
-                [s for s in self.shards if id(s) in members], apply=False)
+            member_shards = [s for s in self.shards if id(s) in members]
+            norms, anomalous = self._compute_weights(member_shards)
+            repaired, repair_copies = self._repair_inner_state(member_shards, apply=False)
             if self.faults is not None:
                 self.faults.in_sync(iteration)
             self._key_norm_cache = {}
