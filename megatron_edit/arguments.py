@@ -108,6 +108,11 @@ def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help="round pseudo-gradients stochastically on a quantized wire (unbiased)")
     g.add_argument("--local-sgd-sync-chunk-size", type=int, default=1 << 26, metavar="N",
                    help="elements per collective of an all-at-once sync, i.e. the size of its only buffer")
+    g.add_argument("--local-sgd-final-sync", dest="local_sgd_final_sync", action="store_true", default=True,
+                   help="diloco/edit/streaming: the iteration that reaches --train-iters syncs whatever the "
+                        "schedule says (streaming: every fragment, no overlap, no mixing), so every worker ends "
+                        "on the same model; a-edit always ends at a sync (default: on)")
+    g.add_argument("--no-local-sgd-final-sync", dest="local_sgd_final_sync", action="store_false")
     g.add_argument("--local-sgd-sync-check-interval", type=int, default=None, metavar="K",
                    help="a-edit: inner steps between the worker's 'sync time elapsed?' votes (default: derived "
                         "from the step time, at most 5%% of --local-sgd-sync-time late)")

@@ -59,6 +59,7 @@ class LocalSGDConfig:
     outer_grad_error_feedback: bool = False
     outer_grad_stochastic_rounding: bool = False
     sync_chunk_size: int = 1 << 26  # elements per collective of an all-at-once sync (bounds its buffer)
+    final_sync: bool = True  # the run's last iteration syncs every unit, so all workers end on the anchor
     sync_check_interval: Optional[int] = None  # a-edit: steps between "time elapsed?" votes; None: derived
     debug_slow_worker: Optional[tuple[int, float]] = None
     debug_corrupt_worker: Optional[tuple[int, float, float]] = None
@@ -118,6 +119,9 @@ class LocalSGDConfig:
             raise ConfigError(f"{flag('sync_time')} {self.sync_time} must be > 0 seconds")
         if "sync_time" in self.explicit and self.method != "a-edit":
             raise ConfigError(f"{flag('sync_time')} applies to --local-sgd a-edit only")
+        if "final_sync" in self.explicit and self.method == "a-edit":
+            raise ConfigError(f"{flag('final_sync') if self.final_sync else '--no-' + flag('final_sync')[2:]} "
+                              "does not apply to --local-sgd a-edit: its run always ends at a sync")
         if "step_weighted" in self.explicit and self.method != "a-edit":
             raise ConfigError(f"{flag('step_weighted')} applies to --local-sgd a-edit only")
         if self.warmup_iters < 0:
@@ -290,6 +294,7 @@ FLAG_OF = {
     "outer_grad_error_feedback": "outer-grad-error-feedback",
     "outer_grad_stochastic_rounding": "outer-grad-stochastic-rounding",
     "sync_chunk_size": "local-sgd-sync-chunk-size",
+    "final_sync": "local-sgd-final-sync",
     "sync_check_interval": "local-sgd-sync-check-interval",
     "debug_slow_worker": "local-sgd-debug-slow-worker",
     "debug_corrupt_worker": "local-sgd-debug-corrupt-worker",

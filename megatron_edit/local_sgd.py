@@ -215,6 +215,9 @@ class LocalSGD:
         self.slow = SlowWorker(slow[1]) if slow is not None and slow[0] == topology.worker_index else None
         self._sync_iteration = 0
         self._sync_iteration_of_next_forward: Optional[int] = None
+        # The iteration that reaches --train-iters (0: unknown, e.g. a sample budget): see _final_sync.
+        self.final_iteration = budget_samples // global_batch_size if budget_samples > 0 else 0
+        self._mix_alpha = cfg.streaming_mix_alpha  # 0 at the final sync: the merge lands on the anchor
         # Host time on the critical path in cross-worker reductions (advance / wait: blocked on the network
         # plus a quantized wire's decode/sum/encode, which a GPU would queue), and the network part alone.
         self.exposed_comm_seconds = 0.0
@@ -355,6 +358,43 @@ class LocalSGD:
         return report
 
     def _after_optimizer_step(self, iteration: int) -> Optional[SyncReport]:
+        if self._is_final(iteration):
+            return self._final_sync(iteration)
+        return self._scheduled_step(iteration)
+
+    def _is_final(self, iteration: int) -> bool:
+        return (self.cfg.final_sync and self.async_ctl is None and iteration == self.final_iteration
+                and iteration > self.cfg.warmup_iters)
+
+    def _final_sync(self, iteration: int) -> Optional[SyncReport]:
+        """The last iteration: every worker ends on the same model (the anchor), so the final validation,
+        the last checkpoint and a converted model are one agreed model, as after any DiLoCo sync.
+
+        DiLoCo/EDiT: a sync at the last iteration if the schedule has none there (a shorter interval).
+        Streaming: fragments are staggered, so some are always mid-interval. A fragment already launched
+        (in flight, or merging now) is finished now and lands on its anchor (no mixing): the at most tau
+        inner steps since its launch are not kept. Every other fragment syncs now, all in one sync, with
+        no overlap and no mixing. So each fragment takes exactly one outer step at this iteration: a
+        fragment is never synced twice, which would apply its outer momentum twice.
+        Cost: at most one sync of the whole model, once per run (what DiLoCo's last sync costs)."""
+        if not self.streaming:
+            report = self._scheduled_step(iteration)
+            return report if report is not None else self.sync(iteration)
+        self._mix_alpha = 0.0
+        try:
+            self._sync_iteration_of_next_forward = None
+            launched = [i for i, unit in enumerate(self.units) if unit.pending]
+            for i in launched:
+                self._finish_unit(i)
+            rest = [i for i in range(len(self.units)) if i not in launched]
+            report = self.sync(iteration, rest, immediately=True) if rest else None
+            if launched and not rest:
+                self._regather_params()
+            return report
+        finally:
+            self._mix_alpha = self.cfg.streaming_mix_alpha
+
+    def _scheduled_step(self, iteration: int) -> Optional[SyncReport]:
         cfg = self.cfg
         if is_anchor_iteration(iteration, cfg.warmup_iters):
             init_outer_state(self.shards, self.with_momentum, cfg.offload_outer_state)
@@ -454,10 +494,11 @@ class LocalSGD:
 
     # ------------------------------------------------------------------ the sync
     def sync(self, iteration: int, unit_indices: Optional[list[int]] = None,
-             quorum_ready: bool = False) -> SyncReport:
+             quorum_ready: bool = False, immediately: bool = False) -> SyncReport:
         """Start a sync of the given units (all by default). All-at-once and streaming with tau = 0
-        finish here; layer-wise units finish in the next forward, streaming ones tau steps later.
-        Elastic workers: see _sync_fault_tolerant (``quorum_ready``: the joiner's quorum is taken)."""
+        finish here; layer-wise units finish in the next forward, streaming ones tau steps later (here
+        too with ``immediately``: the final sync). Elastic workers: see _sync_fault_tolerant
+        (``quorum_ready``: the joiner's quorum is taken)."""
         if self.transport.fault_tolerant:
             return self._sync_fault_tolerant(iteration, unit_indices, quorum_ready)
         start = time.perf_counter()
@@ -484,7 +525,7 @@ class LocalSGD:
             self.units[i].skip_host = skip_host
         if self.cfg.layerwise:
             self._prefetch_after(-1)  # the rest goes out a unit or two ahead, inside the next forward
-        elif self.streaming and self.cfg.streaming_overlap_steps > 0:
+        elif self.streaming and self.cfg.streaming_overlap_steps > 0 and not immediately:
             for i in indices:
                 self._launch_unit(i)
         elif self.streaming:
@@ -871,7 +912,7 @@ class LocalSGD:
             with torch.no_grad():
                 if self.streaming:
                     # theta = anchor' + alpha * (theta - anchor'): alpha = 0 gives the anchor exactly
-                    s.main.sub_(anchor).mul_(cfg.streaming_mix_alpha).add_(anchor)
+                    s.main.sub_(anchor).mul_(self._mix_alpha).add_(anchor)
                 else:
                     s.main.copy_(anchor)
         if self._staging is not None:

@@ -277,6 +277,15 @@ def test_inner_state_repair_defaults_and_needs_a_penalty():
         fails(LSGD + ["--local-sgd", method, flag_name], 4, flag_name, "--local-sgd edit or a-edit")
 
 
+def test_final_sync_defaults_on_and_a_edit_refuses_it():
+    for method in ("diloco", "edit", "streaming"):
+        assert ok(LSGD + ["--local-sgd", method])[1].final_sync is True
+        assert ok(LSGD + ["--local-sgd", method, "--no-local-sgd-final-sync"])[1].final_sync is False
+    for flag_name in ("--local-sgd-final-sync", "--no-local-sgd-final-sync"):
+        fails(LSGD + ["--local-sgd", "a-edit", flag_name], 4, flag_name, "always ends at a sync")
+    fails(BASE + ["--no-local-sgd-final-sync"], 4, "--no-local-sgd-final-sync", "needs --local-sgd")
+
+
 def test_peer_ratio_reaches_the_penalty():
     _, cfg = ok(LSGD + ["--local-sgd", "edit"])
     assert cfg.peer_ratio == 4.0

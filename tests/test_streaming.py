@@ -35,7 +35,8 @@ def test_overlapped_fragment_merges_to_the_average_at_launch():
     argv = TINY_MODEL + ["--global-batch-size", "8", "--train-iters", "7", "--lr", "1e-2",
                          "--local-sgd", "streaming", "--local-sgd-workers", "2", "--local-sgd-sync-interval", "4",
                          "--streaming-fragments", "2", "--streaming-overlap-steps", "1",
-                         "--streaming-mix-alpha", "0", "--outer-grad-dtype", "fp32", "--outer-optimizer", "average"]
+                         "--streaming-mix-alpha", "0", "--outer-grad-dtype", "fp32", "--outer-optimizer", "average",
+                         "--no-local-sgd-final-sync"]  # the merge at 7 is the run's last step (test_final_sync.py)
     r0, r1 = run_training(argv, 2, keep_snapshots=True)
     fragment_of_key = r0["fragment_of_key"]
     frag = [fragment_of_key[k] for k in r0["shard_keys"]]
@@ -61,7 +62,7 @@ def test_mixing_factor_merges_toward_the_workers_own_params():
     argv = TINY_MODEL + ["--global-batch-size", "8", "--train-iters", "4", "--lr", "1e-2",
                          "--local-sgd", "streaming", "--local-sgd-workers", "2", "--local-sgd-sync-interval", "4",
                          "--streaming-fragments", "2", "--streaming-overlap-steps", "0", "--outer-grad-dtype", "fp32",
-                         "--outer-optimizer", "average"]
+                         "--outer-optimizer", "average", "--no-local-sgd-final-sync"]  # the sync at 4 ends the run
     mixed = run_training(argv + ["--streaming-mix-alpha", "0.25"], 2, keep_snapshots=True)
     kept = run_training(argv + ["--streaming-mix-alpha", "1"], 2, keep_snapshots=True)
     frag = [mixed[0]["fragment_of_key"][k] for k in mixed[0]["shard_keys"]]
