@@ -87,6 +87,10 @@ def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help="edit/a-edit: a worker whose mean training loss since the last sync is more than Q "
                         "times above or below the workers' median is anomalous in every layer, e.g. a bad "
                         "data shard (default 1.1; 0 disables; needs >= 3 workers)")
+    g.add_argument("--pseudo-grad-moment-ratio", type=float, default=None, metavar="M",
+                   help="edit/a-edit: a worker whose inner Adam second-moment RMS in a layer is more than M "
+                        "times the workers' median is anomalous there: a gradient burst froze it (default 4; "
+                        "0 disables; needs >= 3 workers)")
     g.add_argument("--pseudo-grad-repair-inner-state", dest="pseudo_grad_repair_inner_state", action="store_true",
                    default=None, help="a worker flagged in any layer takes the mean inner Adam moments of the "
                                       "workers flagged in none (edit/a-edit default: on; inner_state_repair.py)")

@@ -17,6 +17,7 @@ OUTER_OPTIMIZERS = ("nesterov", "sgd", "average")
 WEIGHTINGS = ("uniform", "norm")
 DEFAULT_PEER_RATIO = 4.0  # edit/a-edit: chosen from tools/bench_convergence.py (README "Choosing H ...")
 DEFAULT_LOSS_RATIO = 1.1  # edit/a-edit: healthy workers' interval losses agree to ~2% (loss_outliers)
+DEFAULT_MOMENT_RATIO = 4.0  # edit/a-edit: a gradient burst raises Adam's second-moment RMS ~30x (frozen_outliers)
 STREAMING_PATTERNS = ("strided", "sequential")
 OUTER_GRAD_DTYPES = ("fp32", "bf16", "fp8-e4m3", "fp8-e5m2", "fp4-e3m0", "fp4-e2m1", "int8", "int4")
 
@@ -46,6 +47,7 @@ class LocalSGDConfig:
     weighting: str = "uniform"  # "norm": the EDiT paper's softmax(-G/T) (see pseudo_grad_penalty.py: why not default)
     peer_ratio: Optional[float] = None  # R of the two-sided cross-worker test (peer_outliers): 4 for edit/a-edit
     loss_ratio: Optional[float] = None  # Q of the cross-worker loss test (loss_outliers): 1.1 for edit/a-edit
+    moment_ratio: Optional[float] = None  # M of the inner second-moment test (frozen_outliers): 4 for edit/a-edit
     repair_inner_state: Optional[bool] = None  # inner_state_repair.py: on for edit/a-edit
     step_weighted: bool = False  # a-edit: weight pseudo-gradients by inner steps since the last sync
     layerwise: Optional[bool] = None  # on for edit/a-edit
@@ -78,7 +80,7 @@ class LocalSGDConfig:
         _check_choice("outer_optimizer", self.outer_optimizer, OUTER_OPTIMIZERS)
         _check_choice("streaming_pattern", self.streaming_pattern, STREAMING_PATTERNS)
         has_penalty = self.method in PENALTY_METHODS
-        for name in ("pseudo_grad_clip", "anomaly_threshold", "weighting", "peer_ratio", "loss_ratio",
+        for name in ("pseudo_grad_clip", "anomaly_threshold", "weighting", "peer_ratio", "loss_ratio", "moment_ratio",
                      "repair_inner_state"):
             if name in self.explicit and not has_penalty:
                 typed = "--no-" + FLAG_OF[name] if getattr(self, name) is False else flag(name)
@@ -98,6 +100,8 @@ class LocalSGDConfig:
             self.peer_ratio = DEFAULT_PEER_RATIO if has_penalty else 0.0
         if self.loss_ratio is None:
             self.loss_ratio = DEFAULT_LOSS_RATIO if has_penalty else 0.0
+        if self.moment_ratio is None:
+            self.moment_ratio = DEFAULT_MOMENT_RATIO if has_penalty else 0.0
         if self.repair_inner_state is None:
             self.repair_inner_state = has_penalty
         _check_choice("weighting", self.weighting, WEIGHTINGS)
@@ -134,7 +138,7 @@ class LocalSGDConfig:
             raise ConfigError(f"{flag('pseudo_grad_clip')} {self.pseudo_grad_clip} must be > 0")
         if not self.anomaly_threshold >= 0:  # also rejects NaN
             raise ConfigError(f"{flag('anomaly_threshold')} {self.anomaly_threshold} must be >= 0 (0 disables)")
-        for name in ("peer_ratio", "loss_ratio"):
+        for name in ("peer_ratio", "loss_ratio", "moment_ratio"):
             value = getattr(self, name)
             if value != 0 and not 1 < value < float("inf"):  # also rejects NaN
                 raise ConfigError(f"{flag(name)} {value} must be > 1 (0 disables)")
@@ -281,6 +285,7 @@ FLAG_OF = {
     "weighting": "pseudo-grad-weighting",
     "peer_ratio": "pseudo-grad-peer-ratio",
     "loss_ratio": "pseudo-grad-loss-ratio",
+    "moment_ratio": "pseudo-grad-moment-ratio",
     "repair_inner_state": "pseudo-grad-repair-inner-state",
     "step_weighted": "pseudo-grad-step-weighted",
     "layerwise": "local-sgd-layerwise",

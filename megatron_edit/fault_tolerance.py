@@ -63,7 +63,8 @@ _SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
 _ENGINE_FIELDS = ("method", "workers", "sync_interval", "outer_optimizer", "outer_lr", "outer_momentum",
                   "outer_grad_dtype", "layerwise", "streaming_fragments", "streaming_pattern",
                   "streaming_overlap_steps", "streaming_mix_alpha", "pseudo_grad_clip", "anomaly_threshold",
-                  "weighting", "peer_ratio", "loss_ratio", "repair_inner_state", "final_sync")
+                  "weighting", "peer_ratio", "loss_ratio", "moment_ratio", "repair_inner_state",
+                  "final_sync")
 
 
 def flag_fingerprint(args, cfg) -> tuple[str, int, int]:

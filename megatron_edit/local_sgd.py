@@ -165,7 +165,7 @@ class LocalSGD:
             self.penalty_cfg = PenaltyConfig(
                 anomaly_threshold=cfg.anomaly_threshold, ewma_alpha=cfg.ewma_alpha,
                 ewma_warmup=max(1, cfg.ewma_warmup), weighting=cfg.weighting, clip=cfg.pseudo_grad_clip,
-                peer_ratio=cfg.peer_ratio, loss_ratio=cfg.loss_ratio,
+                peer_ratio=cfg.peer_ratio, loss_ratio=cfg.loss_ratio, moment_ratio=cfg.moment_ratio,
             )
         self.stats = init_stats(self.L, self.device)
         self._repair_enabled = cfg.repair_inner_state
@@ -184,6 +184,9 @@ class LocalSGD:
         # It needs 3 workers to decide anything (loss_outliers), so with fewer it costs nothing.
         self.loss_test = (self.penalty_cfg is not None and self.penalty_cfg.loss_ratio > 0
                           and topology.num_workers >= 3)
+        # Second-moment test (frozen_outliers): this rank's sum of Adam's v per layer rides along too.
+        self.moment_test = (self.penalty_cfg is not None and self.penalty_cfg.moment_ratio > 0
+                            and topology.num_workers >= 3)
         self._loss_acc = torch.zeros(2, dtype=torch.float32, device=self.device)
         if self.loss_test and ps.is_pipeline_last_stage(ignore_virtual=True):
             model_chunks[-1].register_forward_hook(self._record_loss)
@@ -650,20 +653,28 @@ class LocalSGD:
         return self.transport.predicted_bytes(numel, self.cfg.outer_grad_dtype, self.cfg.outer_grad_block_size)
 
     def _norm_bytes(self) -> int:
-        """The all-gather of this worker's per-layer norms to the other workers."""
-        return self.transport.peers() * (self.L + (2 if self.loss_test else 0)) * 4
+        """The all-gather of this worker's per-layer norms (and the loss and moment tests' sums) to the others."""
+        riders = (2 if self.loss_test else 0) + (2 * self.L if self.moment_test else 0)
+        return self.transport.peers() * (self.L + riders) * 4
 
     def _compute_weights(self, shards: list[OuterShard], step_weights: Optional[torch.Tensor] = None):
         """G [W, L] on every rank, then this worker's weight per layer (and the skip mask). The squared
         norms are taken chunk by chunk through one scratch buffer (``torch.dot``: no temporary of a
         shard's size), in the engine's global shard order."""
-        W = self.topo.num_workers
+        W, L = self.topo.num_workers, self.L
         extra = 2 if self.loss_test else 0  # the loss test's (sum, count) ride along
-        local = torch.zeros(self.L + extra, dtype=torch.float32, device=self.device)
+        moments = L if self.moment_test else 0  # and the second-moment test's sum(v) and element count
+        local = torch.zeros(L + extra + 2 * moments, dtype=torch.float32, device=self.device)
         if extra:
-            local[self.L:] = self._loss_acc
+            local[L:L + extra] = self._loss_acc
             self._loss_acc.zero_()
         counted = [s for s in shards if s.count_in_worker_norm]
+        if moments:
+            second = mcore_adapter.inner_second_moments(self.optimizer, [s.main for s in counted])
+            for s, v in zip(counted, second):
+                if v is not None:  # one read of v per sync, no temporary
+                    local[L + extra + s.key] += v.sum(dtype=torch.float32)
+                    local[L + extra + L + s.key] += v.numel()
         size = min(self.cfg.sync_chunk_size, max((s.main.numel() for s in counted), default=0))
         scratch = torch.empty(size, dtype=torch.float32, device=self.device)
         for s in counted:
@@ -676,11 +687,16 @@ class LocalSGD:
                 local[s.key] += torch.dot(delta, delta)
         del scratch
         gathered = self._sum_in_worker_gather_across(local)
-        norms = gathered[:, :self.L].sqrt()
-        losses = None
+        norms = gathered[:, :L].sqrt()
+        losses = rms = None
         if extra:
-            count = gathered[:, self.L + 1]
-            losses = torch.where(count > 0, gathered[:, self.L] / count.clamp_min(1), torch.full_like(count, math.nan))
+            count = gathered[:, L + 1]
+            losses = torch.where(count > 0, gathered[:, L] / count.clamp_min(1), torch.full_like(count, math.nan))
+        if moments:
+            total, count = gathered[:, L + extra:L + extra + L], gathered[:, L + extra + L:]
+            # A layer with no state yet (or no second moment) on some worker: nobody is compared there.
+            rms = torch.where(count > 0, (total / count.clamp_min(1)).sqrt(), torch.full_like(total, math.nan))
+            rms[:, ~(count > 0).all(dim=0)] = math.nan
         anomalous_names: list[str] = []
         present = self._present
         if self.penalty_cfg is not None and not bool(present.all()):
@@ -689,7 +705,7 @@ class LocalSGD:
             sub_w, skip, sub_a, self.stats = penalty_weights(
                 norms[rows], self.stats, self.penalty_cfg,
                 step_weights[rows] if step_weights is not None else None,
-                losses[rows] if losses is not None else None)
+                losses[rows] if losses is not None else None, rms[rows] if rms is not None else None)
             weights = torch.zeros(W, self.L, dtype=sub_w.dtype, device=sub_w.device)
             anomalous = torch.zeros(W, self.L, dtype=torch.bool, device=sub_a.device)
             weights[rows], anomalous[rows] = sub_w, sub_a
@@ -699,7 +715,7 @@ class LocalSGD:
                     by_loss[r] = flagged
         elif self.penalty_cfg is not None:
             weights, skip, anomalous, self.stats = penalty_weights(norms, self.stats, self.penalty_cfg, step_weights,
-                                                                   losses)
+                                                                   losses, rms)
             by_loss = loss_outliers(losses, self.penalty_cfg.loss_ratio).tolist() if extra else [False] * W
         if self.penalty_cfg is not None:
             for w in range(W):

@@ -372,6 +372,23 @@ def inner_moments(optimizer: Any, mains: list) -> list[list]:
     return out
 
 
+def inner_second_moments(optimizer: Any, mains: list) -> list:
+    """Per fp32 main param, the inner optimizer's live second moment (Adam's ``exp_avg_sq``, in whatever
+    float dtype the optimizer keeps it), or None (no state yet, or an optimizer without one), for
+    pseudo_grad_penalty.frozen_outliers. Same ``opt.optimizer`` reliance as inner_moments."""
+    state_of = {}
+    for opt in sub_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            for p in group["params"]:
+                state_of[id(p)] = inner.state.get(p, {})
+    out = []
+    for main in mains:
+        v = state_of.get(id(main), {}).get("exp_avg_sq")
+        out.append(v if v is not None and hasattr(v, "shape") and v.shape == main.shape else None)
+    return out
+
+
 def check_fp32_inner_moments(optimizer: Any) -> Optional[str]:
     """Why the inner moments cannot be averaged as fp32 tensors (``OptimizerConfig.
     use_precision_aware_optimizer``, 0.16.1 to 0.19.2), or None."""

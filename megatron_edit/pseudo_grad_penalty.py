@@ -79,6 +79,8 @@ class PenaltyConfig:
             disables it (the paper has only the one-sided test against the history).
         loss_ratio: Q of the cross-worker loss test (``--pseudo-grad-loss-ratio``, :func:`loss_outliers`);
             0 disables it.
+        moment_ratio: M of the cross-worker test on the inner second moments (``--pseudo-grad-moment-ratio``,
+            :func:`frozen_outliers`); 0 disables it.
     """
 
     anomaly_threshold: float = 3.0
@@ -89,6 +91,7 @@ class PenaltyConfig:
     clip: float | None = 10.0
     peer_ratio: float = 0.0
     loss_ratio: float = 0.0
+    moment_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.anomaly_threshold) and self.anomaly_threshold >= 0.0):
@@ -114,6 +117,10 @@ class PenaltyConfig:
         if not (math.isfinite(self.loss_ratio) and (self.loss_ratio == 0.0 or self.loss_ratio > 1.0)):
             raise ValueError(
                 f"PenaltyConfig.loss_ratio (--pseudo-grad-loss-ratio) {self.loss_ratio} must be > 1 (0 disables)"
+            )
+        if not (math.isfinite(self.moment_ratio) and (self.moment_ratio == 0.0 or self.moment_ratio > 1.0)):
+            raise ValueError(
+                f"PenaltyConfig.moment_ratio (--pseudo-grad-moment-ratio) {self.moment_ratio} must be > 1 (0 disables)"
             )
         if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0.0):
             raise ValueError(f"PenaltyConfig.clip (--pseudo-grad-clip) {self.clip} must be > 0 (None disables)")
@@ -183,6 +190,7 @@ def penalty_weights(
     cfg: PenaltyConfig,
     step_weights: Tensor | None = None,
     losses: Tensor | None = None,
+    second_moment_rms: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, PenaltyStats]:
     """Per-worker, per-layer averaging weights of EDiT's pseudo-gradient penalty (Algorithm 2).
 
@@ -196,6 +204,8 @@ def penalty_weights(
             renormalised over the non-anomalous workers; if that sum is 0 the unmultiplied weights are kept.
         losses: optional [W], each worker's mean training loss since the last sync (NaN: unknown). With
             ``cfg.loss_ratio > 0`` a worker that :func:`loss_outliers` flags is anomalous in every layer.
+        second_moment_rms: optional [W, L], each worker's inner second-moment RMS per layer. With
+            ``cfg.moment_ratio > 0`` a worker that :func:`frozen_outliers` flags is anomalous in that layer.
 
     Returns:
         weights: fp32 [W, L]; each non-skipped column sums to 1 over the non-anomalous workers, anomalous
@@ -254,6 +264,12 @@ def penalty_weights(
             raise ValueError(f"penalty_weights: losses must be [{num_workers}], got {tuple(losses.shape)}")
         anomalous = anomalous | loss_outliers(losses.to(device=norms.device, dtype=torch.float32),
                                               cfg.loss_ratio).unsqueeze(1)
+    if cfg.moment_ratio > 0.0 and second_moment_rms is not None:
+        if second_moment_rms.shape != norms.shape:
+            raise ValueError(f"penalty_weights: second_moment_rms must be {tuple(norms.shape)}, "
+                             f"got {tuple(second_moment_rms.shape)}")
+        anomalous = anomalous | frozen_outliers(second_moment_rms.to(device=norms.device, dtype=torch.float32),
+                                                cfg.moment_ratio)
     ok = ~anomalous
     num_ok = ok.sum(dim=0)  # [L], int64
     skip = num_ok == 0
@@ -340,6 +356,30 @@ def loss_outliers(losses: Tensor, ratio: float) -> Tensor:
     median, n = median_of_finite(losses)
     finite = torch.isfinite(losses)
     return finite & (n >= 3) & ((losses > ratio * median) | (losses * ratio < median))
+
+
+def frozen_outliers(second_moment_rms: Tensor, ratio: float) -> Tensor:
+    """bool [W, L]: workers whose inner optimizer's second-moment RMS in a layer, ``sqrt(mean(v))`` of
+    Adam's ``exp_avg_sq``, is more than ``ratio`` times the workers' median (finite ones, at least 3;
+    NaN = unknown, e.g. no optimizer state yet, never flagged).
+
+    Why: a burst of huge gradients (gradient noise, a bad batch, a corrupted all-reduce inside the worker)
+    raises ``v`` by orders of magnitude, and ``v`` forgets it over ~1 / (1 - beta2) steps (1000 with
+    beta2 = 0.999). Until then the worker's updates ``m / sqrt(v)`` are tiny: it is frozen. Its
+    pseudo-gradient, though, still holds the burst's own steps (about lr per element, of random sign), so
+    its norm is ordinary at the first syncs after the burst, and the norm tests flag it only once it has
+    stayed frozen long enough to fall R times below its peers (measured: 36 to 100 iterations after the
+    burst). ``v`` shows the fault at the very next sync. Healthy workers' ``v`` agree closely (same model,
+    same data distribution, same step count), so a factor M above the median is a fault; only "above"
+    counts (a worker with a smaller ``v`` takes larger steps, and the norm tests see that). Two workers
+    cannot say which is wrong: fewer than 3 finite values flag nobody. A non-finite ``v`` comes with
+    non-finite parameters (``m / sqrt(v)`` is NaN), which the norm rule already catches.
+    With the inner-state repair (inner_state_repair.py) the flagged worker also gets its peers' moments,
+    so it is unfrozen at that sync instead of ~1000 steps later.
+    """
+    median, n = median_of_finite(second_moment_rms)
+    finite = torch.isfinite(second_moment_rms)
+    return finite & (n >= 3).unsqueeze(0) & (second_moment_rms > ratio * median)
 
 
 def _update_stats(norms: Tensor, ok: Tensor, stats: PenaltyStats, alpha: float) -> PenaltyStats:

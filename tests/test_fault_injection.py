@@ -148,9 +148,10 @@ def test_loss_spike_freezes_a_worker_and_the_peer_test_leaves_it_out():
     frozen and its pseudo-gradients collapse. The peer test flags worker 1, and only worker 1, at every
     sync from iteration 14 on (first the output layer, then all of it); nobody before. (The paper's
     one-sided test against the history flags nobody in this run: the norm falls, it does not rise.)
-    Without the repair of its inner state, which the next test covers."""
-    results = run_training(PEER_EDIT + ["--local-sgd-debug-fault", "1:loss-spike:3",
-                                        "--no-pseudo-grad-repair-inner-state"], 4)
+    Without the repair of its inner state, which the next test covers, and without the second-moment
+    test, which flags the worker at the first sync after the spike (the test after that)."""
+    results = run_training(PEER_EDIT + ["--local-sgd-debug-fault", "1:loss-spike:3", "--pseudo-grad-moment-ratio",
+                                        "0", "--no-pseudo-grad-repair-inner-state"], 4)
     by_worker = {r["worker"]: r for r in results}
     assert by_worker[1]["faults_injected"] == 1 and by_worker[0]["faults_injected"] == 0
     events = dict(results[0]["sync_anomalous"])
@@ -167,8 +168,10 @@ def test_a_flagged_workers_inner_state_is_repaired_from_its_healthy_peers():
     """The run above with edit's default repair (inner_state_repair.py). At 14 worker 1 is flagged in
     the output layer; right after that sync all its Adam moments (every layer) are the mean of workers 0,
     2 and 3's, which keep their own, and nobody is flagged at any later sync. Without the repair worker 1
-    is flagged at every sync from 14 on (previous test)."""
-    results = run_training(PEER_EDIT + ["--local-sgd-debug-fault", "1:loss-spike:3"], 4, keep_snapshots=True)
+    is flagged at every sync from 14 on (previous test). Without the second-moment test, so that the
+    peer test is what flags the worker here."""
+    results = run_training(PEER_EDIT + ["--local-sgd-debug-fault", "1:loss-spike:3", "--pseudo-grad-moment-ratio",
+                                        "0"], 4, keep_snapshots=True)
     by_worker = {r["worker"]: r for r in results}
     events, repaired = dict(results[0]["sync_anomalous"]), dict(results[0]["sync_repaired"])
     assert all(events[i] == [] for i in range(2, 13, 2)), events
@@ -185,6 +188,18 @@ def test_a_flagged_workers_inner_state_is_repaired_from_its_healthy_peers():
                 assert not torch.allclose(moments[w][14][s][m], mean, rtol=1e-3, atol=0), (w, s, m)
             checked += 1
     assert checked == 2 * len(by_worker[1]["shard_keys"])  # exp_avg and exp_avg_sq of every shard
+
+
+def test_a_burst_frozen_worker_is_flagged_and_repaired_at_the_next_sync():
+    """edit's defaults: the second-moment test (frozen_outliers) and the repair. The spike at 3 raises
+    worker 1's Adam second moments by ~1e6 in every layer; at the sync of 4 worker 1 is flagged in every
+    layer and repaired, ten iterations before the norm tests noticed it (test above: 14), and nobody is
+    flagged at any later sync."""
+    results = run_training(PEER_EDIT + ["--local-sgd-debug-fault", "1:loss-spike:3"], 4)
+    events, repaired = dict(results[0]["sync_anomalous"]), dict(results[0]["sync_repaired"])
+    assert events[2] == [] and repaired[2] == []
+    assert events[4] == ["w1[embedding position-embedding layer0 layer1 layer2 layer3 output]"] and repaired[4] == ["w1"], events
+    assert all(events[i] == [] and repaired[i] == [] for i in range(6, 25, 2)), events
 
 
 def test_bad_data_shard_is_left_out_by_the_loss_test():

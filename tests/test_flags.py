@@ -277,6 +277,18 @@ def test_inner_state_repair_defaults_and_needs_a_penalty():
         fails(LSGD + ["--local-sgd", method, flag_name], 4, flag_name, "--local-sgd edit or a-edit")
 
 
+def test_moment_ratio_defaults_and_needs_a_penalty():
+    assert ok(LSGD + ["--local-sgd", "edit"])[1].moment_ratio == 4.0
+    assert ok(LSGD + ["--local-sgd", "a-edit", "--pseudo-grad-moment-ratio", "8"])[1].moment_ratio == 8.0
+    assert ok(LSGD + ["--local-sgd", "edit", "--pseudo-grad-moment-ratio", "0"])[1].moment_ratio == 0.0
+    assert ok(LSGD + ["--local-sgd", "streaming"])[1].moment_ratio == 0.0
+    fails(LSGD + ["--local-sgd", "diloco", "--pseudo-grad-moment-ratio", "4"], 4, "--pseudo-grad-moment-ratio",
+          "--local-sgd edit or a-edit")
+    for bad in ("1", "0.5", "-2", "nan", "inf"):
+        fails(LSGD + ["--local-sgd", "edit", "--pseudo-grad-moment-ratio", bad], 4, "--pseudo-grad-moment-ratio",
+              "must be > 1 (0 disables)")
+
+
 def test_final_sync_defaults_on_and_a_edit_refuses_it():
     for method in ("diloco", "edit", "streaming"):
         assert ok(LSGD + ["--local-sgd", method])[1].final_sync is True

@@ -11,6 +11,7 @@ from megatron_edit.pseudo_grad_penalty import (
     PenaltyConfig,
     PenaltyStats,
     clip_coefficient,
+    frozen_outliers,
     init_stats,
     loss_outliers,
     peer_outliers,
@@ -427,6 +428,36 @@ def test_loss_test_flags_a_bad_shard_both_ways_in_every_layer():
     assert not penalty_weights(norms, init_stats(3), cfg)[2].any()
 
 
+def test_moment_test_flags_a_frozen_worker_in_the_layers_its_burst_hit():
+    """Second-moment RMS per layer: worker 1's v is ~1000x its peers' in layers 0 and 2 after a gradient
+    burst (RMS ~30x), worker 3 sits at 1.3x (healthy spread). With M = 4, worker 1 is flagged in those two
+    layers only, although its norms are ordinary; M = 0 or no moments given: the norms alone decide."""
+    cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=0.0, moment_ratio=4.0)
+    norms = torch.ones(4, 3)
+    rms = torch.tensor([[1e-3, 2e-3, 5e-4], [3e-2, 2e-3, 1.6e-2], [1e-3, 2e-3, 5e-4], [1.3e-3, 2.5e-3, 6e-4]])
+    weights, skip, anomalous, _ = penalty_weights(norms, init_stats(3), cfg, second_moment_rms=rms)
+    assert anomalous.tolist() == [[False] * 3, [True, False, True], [False] * 3, [False] * 3]
+    torch.testing.assert_close(weights[:, 0], torch.tensor([1 / 3, 0, 1 / 3, 1 / 3]), rtol=1e-7, atol=0)
+    assert not skip.any()
+    off = PenaltyConfig(weighting="uniform", anomaly_threshold=0.0, moment_ratio=0.0)
+    assert not penalty_weights(norms, init_stats(3), off, second_moment_rms=rms)[2].any()
+    assert not penalty_weights(norms, init_stats(3), cfg)[2].any()
+    with pytest.raises(ValueError, match="second_moment_rms"):
+        penalty_weights(norms, init_stats(3), cfg, second_moment_rms=rms[:, :2])
+
+
+def test_moment_test_only_above_needs_three_and_ignores_unknown():
+    column = lambda *v: torch.tensor(v).unsqueeze(1)  # noqa: E731  [W, 1]
+    # a smaller v is not "frozen" (it takes larger steps: the norm tests' business)
+    assert frozen_outliers(column(1.0, 0.01, 1.1, 0.9), 4.0).flatten().tolist() == [False] * 4
+    assert frozen_outliers(column(1.0, 100.0), 4.0).flatten().tolist() == [False] * 2  # two cannot say
+    assert frozen_outliers(column(1.0, 100.0, NAN), 4.0).flatten().tolist() == [False] * 3  # NaN: unknown
+    assert frozen_outliers(column(1.0, 100.0, NAN, 1.2), 4.0).flatten().tolist() == [False, True, False, False]
+    # boundary: exactly M times the median is not above it; even count: mean of the two middle ones (1.5)
+    assert frozen_outliers(column(1.0, 4.0, 1.0), 4.0).flatten().tolist() == [False] * 3
+    assert frozen_outliers(column(1.0, 2.0, 6.01, 1.0), 4.0).flatten().tolist() == [False, False, True, False]
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="ewma_alpha"):
         PenaltyConfig(ewma_alpha=0.0)
@@ -444,6 +475,8 @@ def test_config_validation_names_the_field():
     for bad in (1.0, 0.5, -1.0, INF, NAN):
         with pytest.raises(ValueError, match="peer_ratio"):
             PenaltyConfig(peer_ratio=bad)
+        with pytest.raises(ValueError, match="moment_ratio"):
+            PenaltyConfig(moment_ratio=bad)
 
 
 def test_stats_state_dict_roundtrip():
