@@ -352,18 +352,24 @@ def inner_optimizer_state(optimizer: Any) -> list[dict]:
     return out
 
 
-def inner_moments(optimizer: Any, mains: list) -> list[list]:
-    """Per fp32 main param (the objects ``main_param_pairs`` returns), the live fp32 state tensors of its
-    shape in the torch inner optimizer (Adam: ``exp_avg``, ``exp_avg_sq``; ``max_exp_avg_sq`` with
-    amsgrad), for inner_state_repair.py. Same ``opt.optimizer`` reliance as inner_optimizer_state; a
-    parameter with no state yet gives []. megatron-core's precision-aware optimizer (TE FusedAdam, its
-    moments kept in bf16/fp8 with scales) is refused by ``check_fp32_inner_moments`` instead."""
+def _inner_state_by_param(optimizer: Any) -> dict:
+    """id(fp32 main param) -> the torch inner optimizer's state dict for it (``opt.optimizer``)."""
     state_of = {}
     for opt in sub_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         for group in getattr(inner, "param_groups", []):
             for p in group["params"]:
                 state_of[id(p)] = inner.state.get(p, {})
+    return state_of
+
+
+def inner_moments(optimizer: Any, mains: list) -> list[list]:
+    """Per fp32 main param (the objects ``main_param_pairs`` returns), the live fp32 state tensors of its
+    shape in the torch inner optimizer (Adam: ``exp_avg``, ``exp_avg_sq``; ``max_exp_avg_sq`` with
+    amsgrad), for inner_state_repair.py. Same ``opt.optimizer`` reliance as inner_optimizer_state; a
+    parameter with no state yet gives []. megatron-core's precision-aware optimizer (TE FusedAdam, its
+    moments kept in bf16/fp8 with scales) is refused by ``check_fp32_inner_moments`` instead."""
+    state_of = _inner_state_by_param(optimizer)
     out = []
     for main in mains:
         state = state_of.get(id(main), {})
@@ -376,12 +382,7 @@ def inner_second_moments(optimizer: Any, mains: list) -> list:
     """Per fp32 main param, the inner optimizer's live second moment (Adam's ``exp_avg_sq``, in whatever
     float dtype the optimizer keeps it), or None (no state yet, or an optimizer without one), for
     pseudo_grad_penalty.frozen_outliers. Same ``opt.optimizer`` reliance as inner_moments."""
-    state_of = {}
-    for opt in sub_optimizers(optimizer):
-        inner = getattr(opt, "optimizer", None)
-        for group in getattr(inner, "param_groups", []):
-            for p in group["params"]:
-                state_of[id(p)] = inner.state.get(p, {})
+    state_of = _inner_state_by_param(optimizer)
     out = []
     for main in mains:
         v = state_of.get(id(main), {}).get("exp_avg_sq")
