@@ -380,13 +380,16 @@ def inner_moments(optimizer: Any, mains: list) -> list[list]:
 
 def inner_second_moments(optimizer: Any, mains: list) -> list:
     """Per fp32 main param, the inner optimizer's live second moment (Adam's ``exp_avg_sq``, in whatever
-    float dtype the optimizer keeps it), or None (no state yet, or an optimizer without one), for
+    float dtype the optimizer keeps it), or None (no state yet, an optimizer without one, or one kept in an
+    integer format), for
     pseudo_grad_penalty.frozen_outliers. Same ``opt.optimizer`` reliance as inner_moments."""
     state_of = _inner_state_by_param(optimizer)
     out = []
     for main in mains:
         v = state_of.get(id(main), {}).get("exp_avg_sq")
-        out.append(v if v is not None and hasattr(v, "shape") and v.shape == main.shape else None)
+        # TE FusedAdam's fp8 moments (precision-aware optimizer) are uint8 with scales: not read, unknown.
+        usable = v is not None and hasattr(v, "shape") and v.shape == main.shape and v.is_floating_point()
+        out.append(v if usable else None)
     return out
 
 
