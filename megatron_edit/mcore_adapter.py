@@ -381,8 +381,8 @@ def inner_moments(optimizer: Any, mains: list) -> list[list]:
 def inner_second_moments(optimizer: Any, mains: list) -> list:
     """Per fp32 main param, the inner optimizer's live second moment (Adam's ``exp_avg_sq``, in whatever
     float dtype the optimizer keeps it), or None (no state yet, an optimizer without one, or one kept in an
-    integer format), for
-    pseudo_grad_penalty.frozen_outliers. Same ``opt.optimizer`` reliance as inner_moments."""
+    integer format), for pseudo_grad_penalty.frozen_outliers. Same ``opt.optimizer`` reliance as
+    inner_moments."""
     state_of = _inner_state_by_param(optimizer)
     out = []
     for main in mains:
