@@ -8,11 +8,12 @@ training entry on local gloo ranks). Runs are named METHOD or METHOD+FAULT:
   sync            synchronous data parallel (no --local-sgd)
   diloco          --local-sgd diloco (all-at-once outer Nesterov step)
   edit            --local-sgd edit with its defaults (layer-wise sync; penalty: anomaly elimination by the EWMA
-                  z-test, the two-sided peer test and the loss test, uniform weights over the healthy
-                  workers, clipping; a flagged worker's inner Adam moments repaired from the healthy ones)
+                  z-test, the two-sided peer test, the loss test and the second-moment test, uniform weights
+                  over the healthy workers, clipping; a flagged worker's inner Adam moments repaired from the
+                  healthy ones)
   edit-paper      edit with the EDiT paper's penalty: softmax(-G/T) weights, no peer or loss test
                   (--pseudo-grad-weighting norm --pseudo-grad-peer-ratio 0 --pseudo-grad-loss-ratio 0)
-  streaming       --local-sgd streaming, 2 fragments, tau 1, fp4-e3m0 wire
+  streaming       --local-sgd streaming, 2 fragments, tau 1, fp4-e3m0 wire (and the final sync of every fragment)
   +noise          --local-sgd-debug-corrupt-worker SPEC (gradient noise; old names: diloco-corrupt, edit-corrupt)
   +random-tokens, +repeated-tokens, +loss-spike, +bit-flip
                   --local-sgd-debug-fault on worker 1 (megatron_edit/fault_injection.py), from --fault-start
@@ -35,7 +36,8 @@ synchronous warmup (gradients are averaged over the workers then, so a hit would
 the tool prints the schedule for the seed in use. Measured on this machine (192 iterations, seed 1234):
 DiLoCo's validation loss is 0.02-0.06 worse at every evaluation; EDiT with the paper's softmax(-G/T)
 weighting lost more, because that gives the *frozen* worker (smallest pseudo-gradient norm) the largest
-weight after the hit. EDiT's defaults leave it out and repair its inner state (README tables).
+weight after the hit. EDiT's defaults flag it at the next sync by its second moments, leave it out and
+repair its inner state (README tables).
 A larger SCALE does not help (Adam caps the step; a SCALE whose square overflows fp32 freezes the worker at
 once). SCALE=inf makes the worker's parameters NaN: the fp32 cross-worker all-reduce replaces non-finite
 entries by 0, so DiLoCo then just loses that worker's share of the step and EDiT flags the worker as
