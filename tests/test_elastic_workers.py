@@ -23,19 +23,26 @@ STREAMING = ["--local-sgd", "streaming", "--streaming-fragments", "2", "--local-
 DP2 = ["--use-distributed-optimizer", "--global-batch-size", "24"]  # 2 ranks per worker: its own distopt
 
 
-@pytest.mark.parametrize("method,ranks", [(DILOCO, 1), (EDIT, 1), (STREAMING, 1), (EDIT + DP2, 2)],
-                         ids=["diloco", "edit", "streaming", "edit-2-ranks-distopt"])
+# A loss spike on worker 1 at 3, no gradient clipping: the second-moment test flags it at the sync of 4 and
+# its inner state is repaired; elastic workers reduce the moments inside the attempt and copy them after the
+# commit (LocalSGD._sync_fault_tolerant), in-job workers in place.
+SPIKE = ["--local-sgd-debug-fault", "1:loss-spike:3", "--clip-grad", "0"]
+
+
+@pytest.mark.parametrize("method,ranks", [(DILOCO, 1), (EDIT, 1), (STREAMING, 1), (EDIT + DP2, 2), (EDIT + SPIKE, 1)],
+                         ids=["diloco", "edit", "streaming", "edit-2-ranks-distopt", "edit-repairs-a-spiked-worker"])
 def test_elastic_run_without_failures_equals_the_in_job_run(tmp_path, method, ranks):
     """3 worker jobs through torchft == 3 workers in one job, bitwise, over 3 syncs (streaming: 6
     fragment syncs): the transport is the only difference. The lighthouse waits for all 3, so every
-    sync has every worker."""
+    sync has every worker. With SPIKE both runs flag and repair worker 1 at the sync of 4."""
     flags = method + ["--train-iters", "12"]
     with ElasticRun(tmp_path, min_replicas=3) as run:
         workers = [run.start(w, ELASTIC + flags, nproc=ranks) for w in range(3)]
         for proc in workers:
             assert run.wait(proc) == 0, run.log(proc)[-3000:]
         elastic = [r for p in workers for r in run.results(p)]
-        logged = [sync_lines(run.log(p)) for p in workers]
+        logs = [run.log(p) for p in workers]
+        logged = [sync_lines(log) for log in logs]
     in_job = run_training(TINY_MODEL + ["--global-batch-size", "12", "--lr", "3e-3", "--local-sgd-workers", "3"]
                           + flags, 3 * ranks)
     expected = [(it, 3) for it in in_job[0]["sync_steps"]]
@@ -45,6 +52,9 @@ def test_elastic_run_without_failures_equals_the_in_job_run(tmp_path, method, ra
         assert abs(sum(r["losses"][step] for r in elastic[::ranks]) / 3 - reference) < 1e-5
     for mine, reference in zip(elastic, in_job):  # worker-major rank order in both
         assert _params_equal(mine["params"], reference["params"])
+    if method[-4:] == SPIKE:
+        assert dict(in_job[0]["sync_repaired"])[4] == ["w1"]
+        assert all(" inner state repaired: w1 |" in log for log in logs)
 
 
 def _digest_at(result: dict, iteration: int):

@@ -132,9 +132,10 @@ def test_workers_agree_after_sync_and_differ_between(edit_all_at_once):
 
 
 def test_ranks_inside_a_worker_agree_between_syncs():
-    """Stopped mid-interval (iteration 7): workers differ, the two ranks of each worker agree."""
+    """Stopped mid-interval (iteration 7, without the final sync): workers differ, the two ranks of each
+    worker agree."""
     results = run_training(EDIT[:EDIT.index("--train-iters") + 1] + ["7"] + EDIT[EDIT.index("--train-iters") + 2:]
-                           + ["--no-local-sgd-layerwise"], 4)
+                           + ["--no-local-sgd-layerwise", "--no-local-sgd-final-sync"], 4)
     by_worker = {}
     for r in results:
         by_worker.setdefault(r["worker"], []).append(r["params"])
