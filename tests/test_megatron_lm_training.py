@@ -44,28 +44,31 @@ def _worker_tensors(directory: str) -> dict[str, tuple[torch.Tensor, torch.Tenso
                                     ["--pipeline-model-parallel-size", "2"]], ids=["tp2", "pp2"])
 def test_edit_layerwise_trains_and_workers_agree_after_each_sync(layout, tmp_path):
     """TP 2 x DP 2 and PP 2 x DP 2 (the p2p path on gloo), 2 workers, layer-wise EDiT with the distributed
-    optimizer, overlapped grad reduce and param gather. Saves at iteration 4 (a sync: the save lands
-    the pending layer-wise updates) and 7 (between syncs) hold both workers' weights."""
+    optimizer, overlapped grad reduce and param gather. Saves at iteration 3 (between syncs), 6 (a sync:
+    the save lands the pending layer-wise updates) and 7 (the end: the final sync, between two scheduled
+    ones) hold both workers' weights."""
     save = str(tmp_path / "ckpt")
     run = run_megatron_lm(4, layout + EDIT + ["--train-iters", "7", "--log-interval", "1", "--save", save,
-                                              "--save-interval", "4"])
+                                              "--save-interval", "3"])
     assert run.returncode == 0, run.tail()
     losses = {i: float(v) for i, v in run.losses().items()}
     assert sorted(losses) == list(range(1, 8)), run.tail()
     assert losses[7] < losses[1] - 0.05, losses
     syncs = run.syncs()
-    assert [s[0] for s in syncs] == [2, 4, 6] and {s[1] for s in syncs} == {2}, syncs
+    assert [s[0] for s in syncs] == [2, 4, 6, 7] and {s[1] for s in syncs} == {2}, syncs
     assert all(s[2] == "all" and s[4] == "fp32" and s[5] > 0 for s in syncs)
 
-    at_sync = _worker_tensors(os.path.join(save, "iter_0000004"))
-    assert all(torch.equal(a, b) for a, b in at_sync.values())
-    between = _worker_tensors(os.path.join(save, "iter_0000007"))
+    between = _worker_tensors(os.path.join(save, "iter_0000003"))
     assert sum(not torch.equal(a, b) for a, b in between.values()) >= len(between) // 2
+    for agreed in ("iter_0000006", "iter_0000007"):
+        at_sync = _worker_tensors(os.path.join(save, agreed))
+        assert all(torch.equal(a, b) for a, b in at_sync.values()), agreed
 
 
 def test_streaming_fp4_trains(tmp_path):
     """Streaming DiLoCo with an fp4 (E3M0) wire: 4 layers in 2 fragments, each synced every 4
-    iterations on a staggered schedule and merged one iteration later."""
+    iterations on a staggered schedule and merged one iteration later; at the last iteration (9) fragment
+    0, launched at 8, lands on its anchor and fragment 1 syncs (the final sync)."""
     run = run_megatron_lm(4, ["--local-sgd", "streaming", "--local-sgd-workers", "2",
                               "--local-sgd-sync-interval", "4", "--streaming-fragments", "2",
                               "--outer-grad-dtype", "fp4-e3m0", "--train-iters", "9", "--log-interval", "1"])
@@ -73,7 +76,8 @@ def test_streaming_fp4_trains(tmp_path):
     losses = {i: float(v) for i, v in run.losses().items()}
     assert losses[9] < losses[1] - 0.05, losses
     syncs = run.syncs()
-    assert [(s[0], s[2]) for s in syncs] == [(4, "0"), (6, "1"), (8, "0")], syncs  # fragment p: p*H/P + kH, k >= 1
+    # fragment p: p*H/P + kH, k >= 1; then the final sync
+    assert [(s[0], s[2]) for s in syncs] == [(4, "0"), (6, "1"), (8, "0"), (9, "1")], syncs
     assert all(s[4] == "fp4-e3m0" for s in syncs)
 
 
