@@ -11,8 +11,9 @@ training entry on local gloo ranks). Runs are named METHOD or METHOD+FAULT:
                   z-test, the two-sided peer test, the loss test and the second-moment test, uniform weights
                   over the healthy workers, clipping; a flagged worker's inner Adam moments repaired from the
                   healthy ones)
-  edit-paper      edit with the EDiT paper's penalty: softmax(-G/T) weights, no peer or loss test
-                  (--pseudo-grad-weighting norm --pseudo-grad-peer-ratio 0 --pseudo-grad-loss-ratio 0)
+  edit-paper      edit with the EDiT paper's penalty: softmax(-G/T) weights, no peer, loss or second-moment
+                  test, no repair (--pseudo-grad-weighting norm --pseudo-grad-peer-ratio 0
+                  --pseudo-grad-loss-ratio 0 --pseudo-grad-moment-ratio 0 --no-pseudo-grad-repair-inner-state)
   streaming       --local-sgd streaming, 2 fragments, tau 1, fp4-e3m0 wire (and the final sync of every fragment)
   +noise          --local-sgd-debug-corrupt-worker SPEC (gradient noise; old names: diloco-corrupt, edit-corrupt)
   +random-tokens, +repeated-tokens, +loss-spike, +bit-flip
@@ -247,7 +248,8 @@ def method_args(name: str, a: argparse.Namespace) -> list[str]:
     args = ["--local-sgd", base, "--local-sgd-workers", str(a.nproc),
             "--local-sgd-sync-interval", str(a.sync_interval), "--local-sgd-warmup-iters", str(a.warmup_iters)]
     if method == "edit-paper":
-        args += ["--pseudo-grad-weighting", "norm", "--pseudo-grad-peer-ratio", "0", "--pseudo-grad-loss-ratio", "0"]
+        args += ["--pseudo-grad-weighting", "norm", "--pseudo-grad-peer-ratio", "0", "--pseudo-grad-loss-ratio", "0",
+                 "--pseudo-grad-moment-ratio", "0", "--no-pseudo-grad-repair-inner-state"]
     if fault == "noise":
         args += ["--local-sgd-debug-corrupt-worker", a.corrupt_spec]
     elif fault is not None:
