@@ -124,7 +124,7 @@ class LocalSGDConfig:
         if "sync_time" in self.explicit and self.method != "a-edit":
             raise ConfigError(f"{flag('sync_time')} applies to --local-sgd a-edit only")
         if "final_sync" in self.explicit and self.method == "a-edit":
-            raise ConfigError(f"{flag('final_sync') if self.final_sync else '--no-' + flag('final_sync')[2:]} "
+            raise ConfigError(f"{flag('final_sync') if self.final_sync else '--no-' + FLAG_OF['final_sync']} "
                               "does not apply to --local-sgd a-edit: its run always ends at a sync")
         if "step_weighted" in self.explicit and self.method != "a-edit":
             raise ConfigError(f"{flag('step_weighted')} applies to --local-sgd a-edit only")

@@ -695,7 +695,7 @@ class LocalSGD:
         if moments:
             total, count = gathered[:, L + extra:L + extra + L], gathered[:, L + extra + L:]
             # A layer with no state yet (or no second moment) on some worker: nobody is compared there.
-            rms = torch.where(count > 0, (total / count.clamp_min(1)).sqrt(), torch.full_like(total, math.nan))
+            rms = (total / count.clamp_min(1)).sqrt()
             rms[:, ~(count > 0).all(dim=0)] = math.nan
         anomalous_names: list[str] = []
         present = self._present
