@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from megatron_edit.config import (
     METHODS,
     OUTER_GRAD_DTYPES,
+    OUTER_GRAD_REDUCTIONS,
     OUTER_OPTIMIZERS,
     STREAMING_PATTERNS,
     WEIGHTINGS,
@@ -110,6 +111,10 @@ def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--outer-grad-error-feedback", action="store_true")
     g.add_argument("--outer-grad-stochastic-rounding", action="store_true",
                    help="round pseudo-gradients stochastically on a quantized wire (unbiased)")
+    g.add_argument("--outer-grad-reduction", choices=OUTER_GRAD_REDUCTIONS, default="reduce-scatter",
+                   help="quantized wire: reduce-scatter quantizes twice (each contribution, then each reduced "
+                        "chunk) and sends ~2x one encoded vector per rank; all-gather quantizes once and sends "
+                        "(W-1)x: worth it for few workers (default: reduce-scatter)")
     g.add_argument("--local-sgd-sync-chunk-size", type=int, default=1 << 26, metavar="N",
                    help="elements per collective of an all-at-once sync, i.e. the size of its only buffer")
     g.add_argument("--local-sgd-final-sync", dest="local_sgd_final_sync", action="store_true", default=True,

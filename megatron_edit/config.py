@@ -20,6 +20,8 @@ DEFAULT_LOSS_RATIO = 1.1  # edit/a-edit: healthy workers' interval losses agree 
 DEFAULT_MOMENT_RATIO = 4.0  # edit/a-edit: a gradient burst raises Adam's second-moment RMS ~30x (frozen_outliers)
 STREAMING_PATTERNS = ("strided", "sequential")
 OUTER_GRAD_DTYPES = ("fp32", "bf16", "fp8-e4m3", "fp8-e5m2", "fp4-e3m0", "fp4-e2m1", "int8", "int4")
+# quantized_collectives.ALGORITHMS (kept literal here: config imports no torch)
+OUTER_GRAD_REDUCTIONS = ("reduce-scatter", "all-gather")
 
 
 class ConfigError(ValueError):
@@ -60,6 +62,8 @@ class LocalSGDConfig:
     outer_grad_block_size: int = 128
     outer_grad_error_feedback: bool = False
     outer_grad_stochastic_rounding: bool = False
+    # quantized wire: reduce-scatter (2 quantizations, ~2x one vector sent) or all-gather (1, (W-1)x)
+    outer_grad_reduction: str = "reduce-scatter"
     sync_chunk_size: int = 1 << 26  # elements per collective of an all-at-once sync (bounds its buffer)
     final_sync: bool = True  # the run's last iteration syncs every unit, so all workers end on the anchor
     sync_check_interval: Optional[int] = None  # a-edit: steps between "time elapsed?" votes; None: derived
@@ -114,6 +118,7 @@ class LocalSGDConfig:
         if self.fault_tolerance and "streaming_overlap_steps" not in self.explicit:
             self.streaming_overlap_steps = 0
         _check_choice("outer_grad_dtype", self.outer_grad_dtype, OUTER_GRAD_DTYPES)
+        _check_choice("outer_grad_reduction", self.outer_grad_reduction, OUTER_GRAD_REDUCTIONS)
 
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"{flag('workers')} {self.workers} must be >= 1")
@@ -170,6 +175,9 @@ class LocalSGDConfig:
         if self.outer_grad_stochastic_rounding and self.outer_grad_dtype == "fp32":
             raise ConfigError(f"{flag('outer_grad_stochastic_rounding')} needs a quantized "
                               f"{flag('outer_grad_dtype')} (not fp32: nothing is rounded)")
+        if "outer_grad_reduction" in self.explicit and self.outer_grad_dtype == "fp32":
+            raise ConfigError(f"{flag('outer_grad_reduction')} {self.outer_grad_reduction} needs a quantized "
+                              f"{flag('outer_grad_dtype')}: fp32 is always one exact all-reduce")
         if "sync_check_interval" in self.explicit and self.method != "a-edit":
             raise ConfigError(f"{flag('sync_check_interval')} applies to --local-sgd a-edit only")
         if self.sync_check_interval is not None and self.sync_check_interval < 1:
@@ -298,6 +306,7 @@ FLAG_OF = {
     "outer_grad_block_size": "outer-grad-block-size",
     "outer_grad_error_feedback": "outer-grad-error-feedback",
     "outer_grad_stochastic_rounding": "outer-grad-stochastic-rounding",
+    "outer_grad_reduction": "outer-grad-reduction",
     "sync_chunk_size": "local-sgd-sync-chunk-size",
     "final_sync": "local-sgd-final-sync",
     "sync_check_interval": "local-sgd-sync-check-interval",

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_edit.quantized_collectives import launch_quantized_all_reduce_mean, predicted_bytes_sent
+from megatron_edit.quantized_collectives import REDUCE_SCATTER, launch_quantized_all_reduce_mean, predicted_bytes_sent
 
 
 class ProcessGroupTransport:
@@ -51,16 +51,18 @@ class ProcessGroupTransport:
         return out.view(self.num_workers, -1), torch.ones(self.num_workers, dtype=torch.bool)
 
     def launch_sum(self, buffer: torch.Tensor, wire_format: str, block_size: int, error_feedback=None,
-                   stochastic: bool = False, generator: Optional[torch.Generator] = None):
-        """Start the in-place SUM of every worker's (already weighted) contribution; ``.wait()`` returns it."""
+                   stochastic: bool = False, generator: Optional[torch.Generator] = None,
+                   algorithm: str = REDUCE_SCATTER):
+        """Start the in-place SUM of every worker's (already weighted) contribution; ``.wait()`` returns it.
+        ``algorithm`` picks how a quantized wire reduces (quantized_collectives' module docstring)."""
         return launch_quantized_all_reduce_mean(
-            buffer, self.group, wire_format, block_size, weight=1.0, divisor=1.0,
+            buffer, self.group, wire_format, block_size, weight=1.0, divisor=1.0, algorithm=algorithm,
             error_feedback=error_feedback, inplace=True, stochastic=stochastic, generator=generator)
 
-    def predicted_bytes(self, numel: int, wire_format: str, block_size: int) -> int:
+    def predicted_bytes(self, numel: int, wire_format: str, block_size: int, algorithm: str = REDUCE_SCATTER) -> int:
         if self.group is None:
             return 0
-        return predicted_bytes_sent(numel, self.group.size(), self.group.rank(), wire_format, block_size)
+        return predicted_bytes_sent(numel, self.group.size(), self.group.rank(), wire_format, block_size, algorithm)
 
     def peers(self) -> int:
         """Other workers a gather row goes to (log line byte counts)."""
@@ -136,7 +138,8 @@ class TorchftTransport:
         return rows[:, :-1], (rows[:, -1] == 1).cpu()
 
     def launch_sum(self, buffer: torch.Tensor, wire_format: str, block_size: int, error_feedback=None,
-                   stochastic: bool = False, generator: Optional[torch.Generator] = None):
+                   stochastic: bool = False, generator: Optional[torch.Generator] = None,
+                   algorithm: str = REDUCE_SCATTER):
         from torch.distributed import ReduceOp
 
         if wire_format != "fp32":  # refused by the config; a second line of defence
@@ -145,7 +148,8 @@ class TorchftTransport:
         work = self.manager.allreduce(buffer, reduce_op=ReduceOp.SUM)
         return _ManagedSum(work, buffer, self.predicted_bytes(buffer.numel(), wire_format, block_size))
 
-    def predicted_bytes(self, numel: int, wire_format: str, block_size: int) -> int:
+    def predicted_bytes(self, numel: int, wire_format: str, block_size: int, algorithm: str = REDUCE_SCATTER) -> int:
+        """fp32 only: ``algorithm`` does not apply (an fp32 sum is one all-reduce)."""
         members = max(self.manager.num_participants(), 1)
         return predicted_bytes_sent(numel, members, 0, wire_format, block_size)
 

@@ -650,7 +650,8 @@ class LocalSGD:
         return sum(self._predicted_bytes(min(size, numel - lo)) for lo in range(0, numel, size))
 
     def _predicted_bytes(self, numel: int) -> int:
-        return self.transport.predicted_bytes(numel, self.cfg.outer_grad_dtype, self.cfg.outer_grad_block_size)
+        return self.transport.predicted_bytes(numel, self.cfg.outer_grad_dtype, self.cfg.outer_grad_block_size,
+                                              self.cfg.outer_grad_reduction)
 
     def _norm_bytes(self) -> int:
         """The all-gather of this worker's per-layer norms (and the loss and moment tests' sums) to the others."""
@@ -803,6 +804,7 @@ class LocalSGD:
         handle = self.transport.launch_sum(
             buffer, self.cfg.outer_grad_dtype, self.cfg.outer_grad_block_size, error_feedback=feedback,
             stochastic=self.cfg.outer_grad_stochastic_rounding, generator=self._rounding_generator(index),
+            algorithm=self.cfg.outer_grad_reduction,
         )
         self.bytes_sent_measured += handle.bytes_sent
         return handle

@@ -250,6 +250,19 @@ def test_stochastic_rounding_needs_a_quantized_wire():
     fails(LSGD + ["--outer-grad-stochastic-rounding"], 4, "--outer-grad-stochastic-rounding needs --local-sgd")
 
 
+def test_outer_grad_reduction_picks_the_quantized_algorithm():
+    _, cfg = ok(LSGD + ["--local-sgd", "streaming"])
+    assert cfg.outer_grad_reduction == "reduce-scatter"
+    _, cfg = ok(LSGD + ["--local-sgd", "streaming", "--outer-grad-reduction", "all-gather"])
+    assert cfg.outer_grad_reduction == "all-gather"
+    _, cfg = ok(LSGD + ["--local-sgd", "edit", "--outer-grad-dtype", "int4", "--outer-grad-reduction", "all-gather"])
+    assert cfg.outer_grad_reduction == "all-gather"
+    fails(LSGD + ["--local-sgd", "diloco", "--outer-grad-reduction", "all-gather"], 4,
+          "--outer-grad-reduction all-gather needs a quantized --outer-grad-dtype")
+    fails(LSGD + ["--local-sgd", "streaming", "--outer-grad-reduction", "ring"], 4, "--outer-grad-reduction", "ring")
+    fails(LSGD + ["--outer-grad-reduction", "all-gather"], 4, "--outer-grad-reduction needs --local-sgd")
+
+
 @pytest.mark.parametrize("flag_name", ["--pseudo-grad-peer-ratio", "--pseudo-grad-loss-ratio"])
 @pytest.mark.parametrize("value", ["1", "0.5", "-2", "nan", "inf"])
 def test_peer_and_loss_ratio_above_one_or_zero(flag_name, value):

@@ -117,6 +117,18 @@ def test_fp4_layerwise_edit_equals_a_reference_sync():
     exact = contributions[0] + contributions[1]
     assert ((anchor - got[0]) - exact).abs().max() <= 2 * exact.abs().max()
 
+    # --outer-grad-reduction all-gather: one quantization, the fp32 sum of the decoded contributions in
+    # worker order, not requantized; its bytes are what the log predicted, (W - 1) whole encoded vectors.
+    from megatron_edit.quantized_collectives import ALL_GATHER
+
+    gathered = run_training(argv + ["--outer-grad-reduction", "all-gather"], 2, keep_snapshots=True)
+    single = anchor - total
+    assert not torch.equal(single, expected)  # the second quantization is gone
+    for r in gathered:
+        assert torch.equal(torch.cat([t.reshape(-1) for t in r["final_shards"]]), single)
+        assert r["sync_bytes_measured"] == predicted_bytes_sent(total.numel(), 2, r["worker"], "fp4-e3m0", 128,
+                                                                ALL_GATHER)
+
 
 def test_fp4_edit_layerwise_trains_and_counts_bytes():
     """EDiT with a 4-bit wire, layer-wise: it trains; the bytes the log reports (predicted at sync time)

@@ -15,6 +15,7 @@ training entry on local gloo ranks). Runs are named METHOD or METHOD+FAULT:
                   test, no repair (--pseudo-grad-weighting norm --pseudo-grad-peer-ratio 0
                   --pseudo-grad-loss-ratio 0 --pseudo-grad-moment-ratio 0 --no-pseudo-grad-repair-inner-state)
   streaming       --local-sgd streaming, 2 fragments, tau 1, fp4-e3m0 wire (and the final sync of every fragment)
+  streaming-ag    streaming with --outer-grad-reduction all-gather: the fp4 wire quantizes once, not twice
   +noise          --local-sgd-debug-corrupt-worker SPEC (gradient noise; old names: diloco-corrupt, edit-corrupt)
   +random-tokens, +repeated-tokens, +loss-spike, +bit-flip
                   --local-sgd-debug-fault on worker 1 (megatron_edit/fault_injection.py), from --fault-start
@@ -75,7 +76,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-METHODS = ("sync", "diloco", "edit", "edit-paper", "streaming")
+METHODS = ("sync", "diloco", "edit", "edit-paper", "streaming", "streaming-ag")
 FAULTS = ("noise", "random-tokens", "repeated-tokens", "loss-spike", "bit-flip")
 ALIASES = {"diloco-corrupt": "diloco+noise", "edit-corrupt": "edit+noise", "edit-peer": "edit"}
 DEFAULT_RUNS = ("sync", "diloco", "edit", "diloco+noise", "edit+noise")
@@ -244,7 +245,7 @@ def method_args(name: str, a: argparse.Namespace) -> list[str]:
     method, fault = split_run(name)
     if method == "sync":
         return []
-    base = "edit" if method == "edit-paper" else method
+    base = {"edit-paper": "edit", "streaming-ag": "streaming"}.get(method, method)
     args = ["--local-sgd", base, "--local-sgd-workers", str(a.nproc),
             "--local-sgd-sync-interval", str(a.sync_interval), "--local-sgd-warmup-iters", str(a.warmup_iters)]
     if method == "edit-paper":
@@ -257,6 +258,8 @@ def method_args(name: str, a: argparse.Namespace) -> list[str]:
         args += ["--local-sgd-debug-fault", f"1:{fault}:{fault_start(a)}{length}"]
     if base == "streaming":
         args += ["--streaming-fragments", "2", "--streaming-overlap-steps", "1", "--outer-grad-dtype", "fp4-e3m0"]
+    if method == "streaming-ag":
+        args += ["--outer-grad-reduction", "all-gather"]
     return args + shlex.split(a.local_sgd_args)
 
 
