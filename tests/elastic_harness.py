@@ -75,6 +75,20 @@ class ElasticRun:
     def wait(proc: subprocess.Popen, timeout: float = 600) -> int:
         return proc.wait(timeout=timeout)
 
+    def wait_all_succeed(self, procs: list[subprocess.Popen], timeout: float = 600) -> None:
+        """Wait for every worker; if any failed, fail naming each one's exit code with the tail of every
+        log, the lighthouse's included: a worker stuck in a quorum is explained by a peer that died."""
+        codes = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=timeout))
+            except subprocess.TimeoutExpired:
+                codes.append("timeout")
+        if any(code != 0 for code in codes):
+            tails = [f"--- {p.out_dir.name}: exit {code}\n{self.log(p)[-2500:]}" for p, code in zip(procs, codes)]
+            lighthouse = (self.tmp / "lighthouse.log").read_text(errors="replace")[-1500:]
+            raise AssertionError("\n".join(tails + [f"--- lighthouse\n{lighthouse}"]))
+
     @staticmethod
     def log(proc: subprocess.Popen) -> str:
         return (proc.out_dir / "log").read_text(errors="replace")

@@ -38,8 +38,7 @@ def test_elastic_run_without_failures_equals_the_in_job_run(tmp_path, method, ra
     flags = method + ["--train-iters", "12"]
     with ElasticRun(tmp_path, min_replicas=3) as run:
         workers = [run.start(w, ELASTIC + flags, nproc=ranks) for w in range(3)]
-        for proc in workers:
-            assert run.wait(proc) == 0, run.log(proc)[-3000:]
+        run.wait_all_succeed(workers)
         elastic = [r for p in workers for r in run.results(p)]
         logs = [run.log(p) for p in workers]
         logged = [sync_lines(log) for log in logs]
@@ -78,8 +77,7 @@ def test_worker_killed_mid_interval_others_go_on_and_restart_rejoins(tmp_path):
         run.wait_for_line(first[0], r"workers \[2\] left")
         run.wait_for_line(first[0], r"iteration\s+40/")  # further progress without worker 2
         restarted = run.start(2, flags, name="worker2-again")
-        for proc in (first[0], first[1], restarted):
-            assert run.wait(proc) == 0, run.log(proc)[-3000:]
+        run.wait_all_succeed([first[0], first[1], restarted])
         logs = [run.log(p) for p in (first[0], first[1], restarted)]
         results = [run.results(p)[0] for p in (first[0], first[1], restarted)]
     survivor = sync_lines(logs[0])
@@ -107,8 +105,7 @@ def test_worker_killed_inside_a_sync_is_left_out_of_that_sync(tmp_path):
         with ElasticRun(tmp_path / kind, min_replicas=2) as run:
             workers = [run.start(w, base + ["--local-sgd-debug-fault", f"2:{kind}:{at}"]) for w in range(3)]
             assert run.wait(workers[2], timeout=300) != 0
-            for proc in workers[:2]:
-                assert run.wait(proc, timeout=300) == 0, run.log(proc)[-3000:]
+            run.wait_all_succeed(workers[:2], timeout=300)
             outcomes[kind] = [run.results(p)[0] for p in workers[:2]], run.log(workers[0])
     (in_sync, log), (before, _) = outcomes["kill-in-sync"], outcomes["kill"]
     assert "sync attempts 2" in log and sync_lines(log) == [(4, 3), (8, 2), (12, 2), (16, 2)]
@@ -136,8 +133,7 @@ def test_bad_input_gives_one_clear_error_and_the_running_workers_go_on(tmp_path)
         twin = run.start(1, flags, name="twin")
         assert run.wait(twin, timeout=300) != 0
         assert "worker index 1 (--replica-group-id) is held by a worker running since" in run.log(twin)
-        for proc in good[:2]:
-            assert run.wait(proc) == 0, run.log(proc)[-3000:]
+        run.wait_all_succeed(good[:2])
         logs = [run.log(p) for p in good[:2]]
         results = [run.results(p)[0] for p in good[:2]]
     assert all(workers == 2 for it, workers in sync_lines(logs[0])), sync_lines(logs[0])
@@ -160,15 +156,13 @@ def test_elastic_checkpoints_resume_bit_exactly_and_a_restart_from_mixed_ages_he
     flags = ELASTIC + EDIT + ["--train-iters", "16", "--log-interval", "1", "--save", root, "--save-interval", "6"]
     with ElasticRun(tmp_path / "straight", min_replicas=3) as run:
         workers = [run.start(w, flags) for w in range(3)]
-        for proc in workers:
-            assert run.wait(proc) == 0, run.log(proc)[-3000:]
+        run.wait_all_succeed(workers)
         straight = [run.results(p)[0] for p in workers]
     assert sorted(p.name for p in (tmp_path / "ckpt" / "worker0").iterdir()) == [
         "iter_0000006", "iter_0000012", "iter_0000016", "latest_checkpointed_iteration.txt"]
     with ElasticRun(tmp_path / "resumed", min_replicas=3) as run:
         workers = [run.start(w, flags + ["--load", root, "--ckpt-step", "6"]) for w in range(3)]
-        for proc in workers:
-            assert run.wait(proc) == 0, run.log(proc)[-3000:]
+        run.wait_all_succeed(workers)
         resumed = [run.results(p)[0] for p in workers]
     for a, b in zip(resumed, straight):
         assert a["losses"] == b["losses"][6:]
@@ -177,8 +171,7 @@ def test_elastic_checkpoints_resume_bit_exactly_and_a_restart_from_mixed_ages_he
     more = _replace(flags, "--train-iters", "24")
     with ElasticRun(tmp_path / "mixed", min_replicas=3) as run:
         workers = [run.start(w, more + ["--load", root] + (["--ckpt-step", "6"] if w == 2 else [])) for w in range(3)]
-        for proc in workers:
-            assert run.wait(proc) == 0, run.log(proc)[-3000:]
+        run.wait_all_succeed(workers)
         mixed = [run.results(p)[0] for p in workers]
         assert "healed from a live peer and starts at iteration 16" in run.log(workers[2])
     assert all(r["consumed_samples"] == 24 * 12 for r in mixed)
@@ -197,8 +190,7 @@ def test_kill_minus_nine_of_one_rank_takes_its_worker_out_not_the_run(tmp_path):
         assert len(victim) == 2
         os.kill(victim[1], signal.SIGKILL)
         assert run.wait(workers[2], timeout=120) != 0
-        for proc in workers[:2]:
-            assert run.wait(proc) == 0, run.log(proc)[-3000:]
+        run.wait_all_succeed(workers[:2])
         log = run.log(workers[0])
         results = [r for p in workers[:2] for r in run.results(p)]
     assert "workers [2] left" in log
