@@ -310,12 +310,17 @@ def worker_local_ddp_class(base: type, session: _Session) -> type:
 
 
 def hook_optimizer_step(optimizer, engine, iteration_fn: Callable[[], int],
-                        report_fn: Optional[Callable] = None) -> None:
+                        report_fn: Optional[Callable] = None,
+                        final_iteration_fn: Optional[Callable[[], Optional[int]]] = None) -> None:
     """optimizer.step() -> engine.before_optimizer_step(i); step; engine.after_optimizer_step(i), where
-    i = iteration_fn() is the iteration this step completes (Megatron-LM: args.curr_iteration + 1)."""
+    i = iteration_fn() is the iteration this step completes (Megatron-LM: args.curr_iteration + 1).
+    ``final_iteration_fn`` tells an engine built without a known last iteration what it is, at its first
+    step (Megatron-LM derives it from ``--train-samples`` only after the optimizer is built)."""
     original = optimizer.step
 
     def step(*args, **kwargs):
+        if final_iteration_fn is not None and not engine.final_iteration:
+            engine.final_iteration = final_iteration_fn() or 0
         iteration = iteration_fn()
         engine.before_optimizer_step(iteration)
         result = original(*args, **kwargs)
@@ -339,7 +344,8 @@ def _print_sync_report(report) -> None:
 def wrap_get_megatron_optimizer(original: Callable, session: _Session, iteration_fn: Callable[[], int],
                                 engine_factory: Optional[Callable] = None,
                                 report_fn: Optional[Callable] = _print_sync_report,
-                                attach_checkpointing: bool = True):
+                                attach_checkpointing: bool = True,
+                                final_iteration_fn: Optional[Callable[[], Optional[int]]] = None):
     """The optimizer over the worker's groups (SPEC section 5 wiring), with the engine on its step and
     the local-SGD state in its checkpoint state (checkpoint/megatron_lm.py)."""
     signature = inspect.signature(original)
@@ -364,7 +370,8 @@ def wrap_get_megatron_optimizer(original: Callable, session: _Session, iteration
             if hasattr(sub, "distributed_optimizer_instance_id"):
                 sub.distributed_optimizer_instance_id = session.topology.worker_index
         session.engine = (engine_factory or _make_engine)(session, chunks, optimizer)
-        hook_optimizer_step(optimizer, session.engine, iteration_fn, report_fn)
+        hook_optimizer_step(optimizer, session.engine, iteration_fn, report_fn,
+                            final_iteration_fn or _megatron_lm_train_iters)
         if attach_checkpointing:
             from megatron_edit.checkpoint import megatron_lm as checkpointing
 
@@ -385,6 +392,16 @@ def _make_engine(session: _Session, chunks, optimizer):
     return LocalSGD(session.cfg, session.topology, chunks, optimizer, get_model_config(chunks[0]),
                     seed=args.seed, global_batch_size=args.global_batch_size,
                     budget_samples=(args.train_iters or 0) * args.global_batch_size)
+
+
+def _megatron_lm_train_iters() -> Optional[int]:
+    """The run's last iteration. With ``--train-samples`` Megatron-LM sets ``args.train_iters`` in
+    ``update_train_iters`` (constant batch: samples // global batch; a batch-size ramp-up counted step by
+    step), called from ``get_optimizer_param_scheduler`` after ``get_megatron_optimizer``, so the engine
+    learns it here, at its first step, for its final sync."""
+    from megatron.training.global_vars import get_args
+
+    return get_args().train_iters
 
 
 def _megatron_lm_iteration() -> int:

@@ -278,6 +278,7 @@ def test_invalid_combinations_fail_with_one_line(over, argv, message):
 class _Recorder:
     def __init__(self):
         self.events = []
+        self.final_iteration = 0  # not known when built (--train-samples)
 
     def before_optimizer_step(self, iteration):
         self.events.append(("before", iteration))
@@ -298,6 +299,21 @@ def test_hooked_step_calls_the_engine_around_the_inner_step_in_order():
     assert engine.events == [("before", 7), ("step", None), ("after", 7), ("before", 8), ("step", None),
                              ("after", 8)]
     assert reports == ["report8"]
+    assert engine.final_iteration == 0  # nobody told it
+
+
+def test_hooked_step_tells_the_engine_its_last_iteration_once_known():
+    """--train-samples: Megatron-LM sets args.train_iters after building the optimizer; the engine
+    learns it at its first step, and an engine that knows it already is left alone."""
+    engine, known = _Recorder(), iter([None, 12, 99])
+    optimizer = SimpleNamespace(step=lambda: None)
+    adapter.hook_optimizer_step(optimizer, engine, lambda: 1, final_iteration_fn=lambda: next(known))
+    optimizer.step()
+    assert engine.final_iteration == 0
+    optimizer.step()
+    assert engine.final_iteration == 12
+    optimizer.step()
+    assert engine.final_iteration == 12
 
 
 def test_optimizer_gets_the_worker_groups_instance_id_and_the_engine(fake_megatron_lm):
@@ -315,14 +331,14 @@ def test_optimizer_gets_the_worker_groups_instance_id_and_the_engine(fake_megatr
     wrapped = adapter.wrap_get_megatron_optimizer(
         original, session, iteration_fn=lambda: 3,
         engine_factory=lambda s, chunks, opt: made.append((chunks, opt)) or engine, report_fn=None,
-        attach_checkpointing=False)
+        attach_checkpointing=False, final_iteration_fn=lambda: 9)
     chunk = SimpleNamespace(megatron_edit_worker_local=True)  # built by WorkerLocalDDP
     optimizer = wrapped("opt-config", [chunk], config_overrides="ov", use_gloo_process_groups=True)
     assert seen == dict(pg_collection="worker-pgc", gloo=False, overrides="ov")
     assert optimizer.chained_optimizers[0].distributed_optimizer_instance_id == 1
     assert made == [([chunk], optimizer)] and session.engine is engine
     optimizer.step()
-    assert engine.events == [("before", 3), ("after", 3)]
+    assert engine.events == [("before", 3), ("after", 3)] and engine.final_iteration == 9
 
     # A model wrapped by a DDP the adapter did not replace reduces gradients over all workers: local SGD
     # would silently be synchronous (seen on core_v0.19 before its model-builder seam was wrapped).

@@ -65,6 +65,19 @@ def test_edit_layerwise_trains_and_workers_agree_after_each_sync(layout, tmp_pat
         assert all(torch.equal(a, b) for a, b in at_sync.values()), agreed
 
 
+def test_a_sample_budget_ends_on_the_final_sync(tmp_path):
+    """--train-samples 56 (7 iterations of 8) instead of --train-iters: Megatron-LM works out the last
+    iteration only after the optimizer (and the engine) exist. The run still ends on the final sync at 7,
+    between scheduled ones, and Megatron-LM's end-of-training save holds equal weights for both workers."""
+    save = str(tmp_path / "ckpt")
+    run = run_megatron_lm(4, ["--tensor-model-parallel-size", "2"] + EDIT + [
+        "--train-samples", "56", "--log-interval", "1", "--save", save, "--save-interval", "100"])
+    assert run.returncode == 0, run.tail()
+    assert sorted(run.losses()) == list(range(1, 8)), run.tail()
+    assert [s[0] for s in run.syncs()] == [2, 4, 6, 7], run.syncs()
+    assert all(torch.equal(a, b) for a, b in _worker_tensors(os.path.join(save, "iter_0000007")).values())
+
+
 def test_streaming_fp4_trains(tmp_path):
     """Streaming DiLoCo with an fp4 (E3M0) wire: 4 layers in 2 fragments, each synced every 4
     iterations on a staggered schedule and merged one iteration later; at the last iteration (9) fragment
