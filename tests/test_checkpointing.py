@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_edit.checkpoint import files
-from megatron_edit.training.launch import _free_port, redirect_fds, run_processes
+from megatron_edit.training.launch import redirect_fds, rendezvous_store, run_processes, set_rank_environment
 from mp_harness import TINY_MODEL, losses, run_training
 
 BASE = TINY_MODEL + ["--global-batch-size", "8", "--lr", "1e-2", "--train-iters", "10"]  # runs may override
@@ -172,8 +172,7 @@ def test_a_edit_saves_at_a_sync_and_resumes(tmp_path):
 # ------------------------------------------------------------------ atomic saves
 def _killed_during_publish(rank, world, port, argv, kill_at):
     """A rank that dies (as if killed) after its second save's files are written, before publishing."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    set_rank_environment(rank, world, port)
     torch.set_num_threads(1)
     from megatron_edit.training.launch import keep_transformers_out
 
@@ -197,8 +196,8 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
     root = str(tmp_path / "ckpt")
     argv = BASE[:-1] + ["4", "--save", root, "--save-interval", "2"]
     with redirect_fds(str(tmp_path / "killed.log")):
-        with pytest.raises(mp.ProcessExitedException, match="exit code 17"):
-            run_processes(_killed_during_publish, (1, _free_port(), argv, 4), 1, timeout=600)
+        with pytest.raises(mp.ProcessExitedException, match="exit code 17"), rendezvous_store() as port:
+            run_processes(_killed_during_publish, (1, port, argv, 4), 1, timeout=600)
     assert files.read_tracker(root) == 2
     assert not os.path.exists(files.iteration_dir(root, 4))
     assert os.listdir(files.partial_dir(root, 4)), "the killed save had written files"

@@ -78,10 +78,9 @@ def _rank(rank: int, world: int, port: int, argv: list[str], out: str) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from megatron_edit.training.launch import keep_transformers_out
+    from megatron_edit.training.launch import keep_transformers_out, set_rank_environment
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    set_rank_environment(rank, world, port)
     torch.set_num_threads(1)
     keep_transformers_out()
     from megatron_edit.training.pretrain_gpt import build_trainer, shutdown
@@ -113,15 +112,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     import torch
 
-    from megatron_edit.training.launch import _free_port, redirect_fds, run_processes
+    from megatron_edit.training.launch import redirect_fds, rendezvous_store, run_processes
 
     a = parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in a.methods.split(","):
             out = os.path.join(tmp, f"{method}.pt")
-            with redirect_fds(os.path.join(tmp, f"{method}.log")):
-                run_processes(_rank, (2, _free_port(), _argv(a, method), out), 2, timeout=900)
+            with redirect_fds(os.path.join(tmp, f"{method}.log")), rendezvous_store() as port:
+                run_processes(_rank, (2, port, _argv(a, method), out), 2, timeout=900)
             r = torch.load(out)
             rows.append((method, r))
     print("| method | units | largest unit (MiB) | stage shard (MiB) | extra peak (MiB) | / largest unit | / stage |")

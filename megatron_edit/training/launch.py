@@ -11,7 +11,6 @@ import os
 import resource
 import shlex
 import sys
-import socket
 import tempfile
 import time
 from typing import Sequence
@@ -20,10 +19,27 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def rendezvous_store():
+    """The ranks' rendezvous store, hosted by this launcher on a port the kernel picks and held until the
+    ranks are done; every rank connects as a client (``TORCHELASTIC_USE_AGENT_STORE``, set in
+    ``_rank_main``), as under torchrun's agent. Yields the port. Picking a free port and closing it for
+    rank 0 to bind later left it free through rank 0's imports (seconds), long enough for another
+    process's bind(0) to take it on a busy machine (torchft servers and gloo pairs of other local jobs)."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    try:
+        yield store.port
+    finally:
+        del store
+
+
+def set_rank_environment(rank: int, world: int, port: int) -> None:
+    """torch.distributed's env:// variables for a spawned rank whose store a launcher holds
+    (:func:`rendezvous_store`)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
 
 
 def main_shard_digest(trainer) -> tuple[float, float]:
@@ -50,8 +66,7 @@ def keep_transformers_out() -> None:
 
 def _rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str, keep_params: bool,
                keep_snapshots: bool) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    set_rank_environment(rank, world, port)
     torch.set_num_threads(1)
     keep_transformers_out()
     from megatron.core import parallel_state as ps
@@ -212,8 +227,9 @@ def spawn_training(argv: Sequence[str], world_size: int, keep_params: bool = Tru
     for attempt in (1, 2):
         with tempfile.TemporaryDirectory() as out_dir:
             try:
-                run_processes(_rank_main, (world_size, _free_port(), list(argv), out_dir, keep_params,
-                                           keep_snapshots), world_size, timeout)
+                with rendezvous_store() as port:
+                    run_processes(_rank_main, (world_size, port, list(argv), out_dir, keep_params, keep_snapshots),
+                                  world_size, timeout)
             except mp.ProcessExitedException as e:
                 if attempt == 2 or not stateless or e.signal_name not in NATIVE_CRASHES:
                     raise
@@ -286,8 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
     os.makedirs(args.out, exist_ok=True)
-    run_processes(_rank_main, (args.nproc, _free_port(), list(flags), args.out, not args.no_params, False),
-                  args.nproc, args.timeout)
+    with rendezvous_store() as port:
+        run_processes(_rank_main, (args.nproc, port, list(flags), args.out, not args.no_params, False),
+                      args.nproc, args.timeout)
     return 0
 
 
