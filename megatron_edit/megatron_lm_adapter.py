@@ -12,7 +12,9 @@ builds a run in a fixed order, and each step looks a name up in a module namespa
   training.get_megatron_optimizer(...)            -> the worker's groups, instance id = worker index, the
                                                      LocalSGD engine, a hook around optimizer.step(), and the
                                                      local-SGD state in the optimizer's checkpoint state
-  train_step: optimizer.step()                    -> before_optimizer_step / step / after_optimizer_step
+  train_step: optimizer.step()                    -> before_optimizer_step / step / after_optimizer_step; the
+                                                     first one reads args.train_iters (with --train-samples set
+                                                     by update_train_iters after the optimizer) for the final sync
 
 <args module> is ``megatron.training.initialize`` in core_v0.16 trees (``initialize_megatron`` parses
 the arguments) and ``megatron.training.arguments`` in core_v0.19 trees (``parse_and_validate_args``, called
