@@ -22,8 +22,8 @@ import torch.multiprocessing as mp
 @contextlib.contextmanager
 def rendezvous_store():
     """The ranks' rendezvous store, hosted by this launcher on a port the kernel picks and held until the
-    ranks are done; every rank connects as a client (``TORCHELASTIC_USE_AGENT_STORE``, set in
-    ``_rank_main``), as under torchrun's agent. Yields the port. Picking a free port and closing it for
+    ranks are done; every rank connects as a client (``TORCHELASTIC_USE_AGENT_STORE``, set by
+    :func:`set_rank_environment`), as under torchrun's agent. Yields the port. Picking a free port and closing it for
     rank 0 to bind later left it free through rank 0's imports (seconds), long enough for another
     process's bind(0) to take it on a busy machine (torchft servers and gloo pairs of other local jobs)."""
     from torch.distributed import TCPStore
