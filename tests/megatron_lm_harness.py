@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,12 +40,6 @@ TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"
 ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: (\S+) \|.*?grad norm: (\S+) \|")
 SYNC = re.compile(r"^ local-sgd sync \| iteration\s+(\d+) \| workers: (\d+) \| fragment: (\S+) \| "
                   r"pseudo-grad norm: (\S+) \|.*?outer bytes sent \((\S+)\): (\d+)", re.M)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _environment(scratch: str) -> dict:
@@ -89,8 +82,7 @@ class Run:
 def run_megatron_lm(nproc: int, flags: list[str], timeout: int = 600) -> Run:
     """torchrun --nproc-per-node N -m megatron_edit.launch pretrain_gpt.py TINY + flags, from the checkout."""
     with tempfile.TemporaryDirectory() as scratch:
-        cmd = [MLM_PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(_free_port()), "-m", "megatron_edit.launch",
+        cmd = [MLM_PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "megatron_edit.launch",
                os.path.join(MEGATRON_LM, "pretrain_gpt.py"), *TINY, *flags]
         proc = subprocess.Popen(cmd, cwd=MEGATRON_LM, env=_environment(scratch), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from megatron_lm_harness import REPO, _free_port, needs_megatron_lm, run_megatron_lm
+from megatron_lm_harness import REPO, needs_megatron_lm, run_megatron_lm
 
 pytestmark = needs_megatron_lm
 
@@ -149,7 +149,7 @@ def test_checkpoints_of_the_other_entry_are_refused_in_one_line(tmp_path):
     theirs = str(tmp_path / "theirs")
     assert run_megatron_lm(4, EDIT + ["--train-iters", "2", "--save", theirs, "--save-interval", "2"]).returncode == 0
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
          os.path.join(REPO, "examples", "pretrain_gpt.py"), *TINY_MODEL, "--train-iters", "4",
          "--global-batch-size", "8", "--lr", "1e-3", "--load", theirs],
         capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))

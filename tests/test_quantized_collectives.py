@@ -5,7 +5,6 @@ rank's contribution from seeds, so it can compute the exact expected result loca
 wrapped to measure the bytes actually handed to the backend for other ranks.
 """
 import math
-import socket
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from megatron_edit.quantized_collectives import (
     launch_quantized_all_reduce_mean,
     quantized_all_reduce_mean,
 )
-from megatron_edit.training.launch import run_processes
+from megatron_edit.training.launch import rendezvous_store, run_processes, set_rank_environment
 from megatron_edit.wire_codecs import FORMAT_NAMES, ErrorFeedback, decode, encode, get_format, wire_bytes
 
 SIZES = (0, 5, 1001)
@@ -190,7 +189,8 @@ def _check_error_feedback(rank, world_size):
 
 
 def _worker(rank, world_size, port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    set_rank_environment(rank, world_size, port)
+    dist.init_process_group("gloo")
     try:
         meter = _WireMeter()
         _check_exact_results_and_bytes(rank, world_size, meter)
@@ -202,15 +202,10 @@ def _worker(rank, world_size, port):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_quantized_all_reduce_gloo(world_size):
-    run_processes(_worker, (world_size, _free_port()), world_size, timeout=300)
+    with rendezvous_store() as port:
+        run_processes(_worker, (world_size, port), world_size, timeout=300)
 
 
 def test_chunk_bounds_cover_and_align():
@@ -234,7 +229,7 @@ def test_chunk_bounds_cover_and_align():
 
 
 def test_single_rank_is_identity():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         x = _contribution(300, 0)
         result, sent = quantized_all_reduce_mean(x, None, "fp4-e3m0", 128, weight=2.0, divisor=4.0)

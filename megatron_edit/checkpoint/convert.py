@@ -55,14 +55,8 @@ def init_single_process() -> None:
 
     cpu_compat.activate()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # An in-process store: one rank needs no port (a picked free port could be taken before the bind).
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1234)
