@@ -87,7 +87,8 @@ def add_local_sgd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--pseudo-grad-loss-ratio", type=float, default=None, metavar="Q",
                    help="edit/a-edit: a worker whose mean training loss since the last sync is more than Q "
                         "times above or below the workers' median is anomalous in every layer, e.g. a bad "
-                        "data shard (default 1.1; 0 disables; needs >= 3 workers)")
+                        "data shard; a worker it flagged at the previous sync is held to 1 + (Q - 1) / 2 "
+                        "(default 1.1; 0 disables; needs >= 3 workers)")
     g.add_argument("--pseudo-grad-moment-ratio", type=float, default=None, metavar="M",
                    help="edit/a-edit: a worker whose inner Adam second-moment RMS in a layer is more than M "
                         "times the workers' median is anomalous there: a gradient burst froze it (default 4; "

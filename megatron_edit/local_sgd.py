@@ -188,6 +188,8 @@ class LocalSGD:
         self.moment_test = (self.penalty_cfg is not None and self.penalty_cfg.moment_ratio > 0
                             and topology.num_workers >= 3)
         self._loss_acc = torch.zeros(2, dtype=torch.float32, device=self.device)
+        # The workers the loss test flagged at the last sync (its probation; loss_outliers), all ranks alike.
+        self.loss_probation = torch.zeros(topology.num_workers, dtype=torch.bool, device=self.device)
         if self.loss_test and ps.is_pipeline_last_stage(ignore_virtual=True):
             model_chunks[-1].register_forward_hook(self._record_loss)
         self.bytes_sent_total = 0  # predicted at each sync (what the log line reports)
@@ -560,6 +562,7 @@ class LocalSGD:
         self._sync_iteration = iteration
         saved_stats = self.stats.clone()
         saved_losses = self._loss_acc.clone()
+        saved_probation = self.loss_probation.clone()
         attempts = 0
         while True:
             attempts += 1
@@ -585,6 +588,7 @@ class LocalSGD:
                 unit.combined, unit.launched, unit.advanced, unit.pending = None, False, False, False
             self.stats = saved_stats.clone()
             self._loss_acc.copy_(saved_losses)
+            self.loss_probation.copy_(saved_probation)
             if attempts >= MAX_SYNC_ATTEMPTS:
                 raise RuntimeError(f"sync at iteration {iteration} failed {attempts} times in a row "
                                    "(torchft should_commit); see the torchft log lines above")
@@ -616,6 +620,7 @@ class LocalSGD:
             "anchor": [s.anchor.detach().clone() for s in self.shards],
             "momentum": [s.momentum.detach().clone() if s.momentum is not None else None for s in self.shards],
             "stats": self.stats.clone().state_dict(),
+            "loss_probation": self.loss_probation.clone(),
         }
 
     def load_outer_state_for_recovery(self, state: dict) -> None:
@@ -631,6 +636,8 @@ class LocalSGD:
                     s.momentum.copy_(momentum)
                 s.main.copy_(anchor)
         self.stats = PenaltyStats(**{k: v.to(self.device) for k, v in state["stats"].items()})
+        if "loss_probation" in state:
+            self.loss_probation.copy_(state["loss_probation"])
         self._loss_acc.zero_()
         for unit in self.units:
             write_back_model_params(unit, self.model, self.optimizer, self.num_layers)
@@ -706,19 +713,23 @@ class LocalSGD:
             sub_w, skip, sub_a, self.stats = penalty_weights(
                 norms[rows], self.stats, self.penalty_cfg,
                 step_weights[rows] if step_weights is not None else None,
-                losses[rows] if losses is not None else None, rms[rows] if rms is not None else None)
+                losses[rows] if losses is not None else None, rms[rows] if rms is not None else None,
+                self.loss_probation[rows])
             weights = torch.zeros(W, self.L, dtype=sub_w.dtype, device=sub_w.device)
             anomalous = torch.zeros(W, self.L, dtype=torch.bool, device=sub_a.device)
             weights[rows], anomalous[rows] = sub_w, sub_a
             by_loss = [False] * W
             if extra:
-                for r, flagged in zip(rows, loss_outliers(losses[rows], self.penalty_cfg.loss_ratio).tolist()):
+                for r, flagged in zip(rows, loss_outliers(losses[rows], self.penalty_cfg.loss_ratio,
+                                                          self.loss_probation[rows]).tolist()):
                     by_loss[r] = flagged
         elif self.penalty_cfg is not None:
             weights, skip, anomalous, self.stats = penalty_weights(norms, self.stats, self.penalty_cfg, step_weights,
-                                                                   losses, rms)
-            by_loss = loss_outliers(losses, self.penalty_cfg.loss_ratio).tolist() if extra else [False] * W
+                                                                   losses, rms, self.loss_probation)
+            by_loss = (loss_outliers(losses, self.penalty_cfg.loss_ratio, self.loss_probation).tolist() if extra
+                       else [False] * W)
         if self.penalty_cfg is not None:
+            self.loss_probation.copy_(torch.tensor(by_loss, dtype=torch.bool))
             for w in range(W):
                 layers = anomalous[w].nonzero().flatten().tolist()
                 if layers and by_loss[w]:  # excluded in every layer for its loss

@@ -27,7 +27,8 @@ and sums ``weighted_sum_contribution(delta_w, weights[w, l])`` over workers. It 
 ``skip`` (expanded to the shard's elements) to ``outer_optimizer.outer_step``.
 
 Defaults of ``--local-sgd edit`` / ``a-edit`` (``config.py``): the EWMA z-test, the peer test with R = 4,
-the loss test with Q = 1.1 (:func:`loss_outliers`: a bad data shard, which no norm test sees), uniform weights over the healthy workers, clipping. Not the paper's ``softmax(-G/T)``: it gives the
+the loss test with Q = 1.1 (:func:`loss_outliers`: a bad data shard, which no norm test sees; 1.05 for a
+worker it flagged at the previous sync), uniform weights over the healthy workers, clipping. Not the paper's ``softmax(-G/T)``: it gives the
 largest weight to the smallest norm, and in practice the smallest norm belongs to a worker that stopped
 learning (after a loss spike or a burst of gradient noise its Adam second moments blew up and froze it),
 not to the most trustworthy one; its weights also grow without bound as a norm shrinks. Measured with
@@ -191,6 +192,7 @@ def penalty_weights(
     step_weights: Tensor | None = None,
     losses: Tensor | None = None,
     second_moment_rms: Tensor | None = None,
+    loss_probation: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, PenaltyStats]:
     """Per-worker, per-layer averaging weights of EDiT's pseudo-gradient penalty (Algorithm 2).
 
@@ -204,6 +206,8 @@ def penalty_weights(
             renormalised over the non-anomalous workers; if that sum is 0 the unmultiplied weights are kept.
         losses: optional [W], each worker's mean training loss since the last sync (NaN: unknown). With
             ``cfg.loss_ratio > 0`` a worker that :func:`loss_outliers` flags is anomalous in every layer.
+        loss_probation: optional bool [W], the workers the loss test flagged at the previous sync (held to
+            :func:`probation_ratio`; the caller keeps it from sync to sync).
         second_moment_rms: optional [W, L], each worker's inner second-moment RMS per layer. With
             ``cfg.moment_ratio > 0`` a worker that :func:`frozen_outliers` flags is anomalous in that layer.
 
@@ -263,7 +267,7 @@ def penalty_weights(
         if losses.shape != (num_workers,):
             raise ValueError(f"penalty_weights: losses must be [{num_workers}], got {tuple(losses.shape)}")
         anomalous = anomalous | loss_outliers(losses.to(device=norms.device, dtype=torch.float32),
-                                              cfg.loss_ratio).unsqueeze(1)
+                                              cfg.loss_ratio, loss_probation).unsqueeze(1)
     if cfg.moment_ratio > 0.0 and second_moment_rms is not None:
         if second_moment_rms.shape != norms.shape:
             raise ValueError(f"penalty_weights: second_moment_rms must be {tuple(norms.shape)}, "
@@ -341,9 +345,17 @@ def median_of_finite(values: Tensor) -> tuple[Tensor, Tensor]:
     return (ordered.gather(0, lower) + ordered.gather(0, upper)).squeeze(0) / 2.0, n
 
 
-def loss_outliers(losses: Tensor, ratio: float) -> Tensor:
+def probation_ratio(ratio: float) -> float:
+    """The loss test's ratio for a worker it flagged at the previous sync: half as far from 1 (1.05 for
+    Q = 1.1). See :func:`loss_outliers`."""
+    return 1.0 + (ratio - 1.0) / 2.0
+
+
+def loss_outliers(losses: Tensor, ratio: float, probation: Tensor | None = None) -> Tensor:
     """bool [W]: workers whose mean training loss since the last sync is more than ``ratio`` times above or
     below the median of the workers' losses (finite ones, at least 3; NaN = unknown, never flagged).
+    ``probation`` (bool [W]): the workers this test flagged at the previous sync; they are held to
+    :func:`probation_ratio` instead.
 
     Why: a worker training on a bad data shard (random, repeated or mis-tokenized tokens) has ordinary
     pseudo-gradient norms, so no norm test sees it; its loss does. Healthy workers see the same data
@@ -352,10 +364,25 @@ def loss_outliers(losses: Tensor, ratio: float) -> Tensor:
     1/sqrt(tokens)); random tokens sit at ln(vocab) (above), a degenerate shard near 0 (far below). Two workers cannot say which one is
     wrong and the loss has no history here, so fewer than 3 finite losses flag nobody. A non-finite
     training loss comes with non-finite pseudo-gradients, which the norm rule already catches.
+
+    Why the probation: a stretch of bad data does not end at a sync. The sync that flags a worker resets
+    its parameters (and repairs its inner state), but its data loader stays where it was, so the next
+    interval opens with the rest of the stretch and only those steps are bad: 2 of 16 random-token steps
+    raised a worker's interval loss to 1.086x and 1.089x the median on norvig-big, 2 repeated-token steps
+    to 1.052x, all under Q = 1.1, and averaging those workers in cost up to 0.05 in final validation loss.
+    A flat Q low enough to catch them is not: healthy workers' interval losses were up to 1.039x apart
+    there (8K tokens per worker and interval). A worker that was just flagged is far more likely to be
+    still faulty, so only it is held to the tighter ratio; a healthy worker flagged once by chance passes
+    it (its next interval is an ordinary one) and leaves the probation at the next sync.
     """
     median, n = median_of_finite(losses)
     finite = torch.isfinite(losses)
-    return finite & (n >= 3) & ((losses > ratio * median) | (losses * ratio < median))
+    q = torch.full_like(losses, ratio)
+    if probation is not None:
+        if probation.shape != losses.shape:
+            raise ValueError(f"loss_outliers: probation must be {tuple(losses.shape)}, got {tuple(probation.shape)}")
+        q = torch.where(probation.to(losses.device), torch.full_like(losses, probation_ratio(ratio)), q)
+    return finite & (n >= 3) & ((losses > q * median) | (losses * q < median))
 
 
 def frozen_outliers(second_moment_rms: Tensor, ratio: float) -> Tensor:

@@ -1,4 +1,9 @@
 """--local-sgd-debug-fault: the faults happen where, when and how megatron_edit/fault_injection.py says."""
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -13,7 +18,9 @@ from megatron_edit.fault_injection import (
     flip_bit_,
     parse_fault_spec,
 )
-from mp_harness import TINY_MODEL, run_training
+from mp_harness import TINY_MODEL, losses, run_training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _GPTLike(torch.nn.Module):
@@ -217,6 +224,34 @@ def test_bad_data_shard_is_left_out_by_the_loss_test():
     assert all(events[i] == [] for i in (2, 4, 6, 14, 16, 18, 20, 22, 24)), events
     for iteration in (8, 10, 12):
         assert len(events[iteration]) == 1 and events[iteration][0].startswith("w2[loss "), (iteration, events)
+
+
+def test_a_bad_stretch_past_the_flagging_sync_is_caught_on_probation_and_after_a_resume(tmp_path):
+    """Worker 2 trains on random tokens at iterations 7-9, H = 2, Q = 1.07 (this tiny model is near
+    chance: random tokens lift the loss ~7.5%). The sync of 8 flags it (5.562 vs a median of 5.177:
+    1.074x). Its next interval holds one more random-token step, 9: 1.048x at 10, under Q, but the
+    worker is on probation there (pseudo_grad_penalty.loss_outliers: 1.035) and is flagged again; at 12,
+    still on probation, it is healthy and not flagged. A run saved at 9 and resumed flags it at 10 too,
+    and continues bit-exactly, only if the checkpoint carried the probation."""
+    root = str(tmp_path / "ckpt")
+    argv = TINY_MODEL + ["--global-batch-size", "16", "--train-iters", "16", "--lr", "3e-3", "--clip-grad", "0",
+                         "--local-sgd", "edit", "--no-local-sgd-layerwise", "--local-sgd-workers", "4",
+                         "--local-sgd-sync-interval", "2", "--local-sgd-debug-fault", "2:random-tokens:7:3",
+                         "--pseudo-grad-loss-ratio", "1.07"]
+    straight = run_training(argv + ["--save", root, "--save-interval", "9"], 4, keep_params=False)
+    events = dict(straight[0]["sync_anomalous"])
+    assert sorted(events) == list(range(2, 17, 2))
+    assert all(events[i] == [] for i in (2, 4, 6, 12, 14, 16)), events
+    assert len(events[8]) == 1 and events[8][0].startswith("w2[loss "), events
+    assert len(events[10]) == 1 and events[10][0].startswith("w2[loss "), events
+    loss, median = (float(x) for x in re.match(r"w2\[loss (\S+) vs median (\S+)\]", events[10][0]).groups())
+    assert 1.035 < loss / median < 1.07, events[10]  # caught by the probation alone
+    shown = subprocess.run([sys.executable, "tools/inspect_checkpoint.py", root, "--ckpt-step", "9"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert "loss test probation (flagged at the last sync): w2" in shown.stdout, shown.stdout + shown.stderr
+    resumed = run_training(argv + ["--load", root, "--ckpt-step", "9"], 4, keep_params=False)
+    assert dict(resumed[0]["sync_anomalous"])[10] == events[10]
+    assert losses(resumed) == losses(straight)[9:], (losses(resumed), losses(straight)[9:])
 
 
 def test_slow_worker_sleeps_for_its_own_step_only():

@@ -14,6 +14,7 @@ from megatron_edit.pseudo_grad_penalty import (
     frozen_outliers,
     init_stats,
     loss_outliers,
+    probation_ratio,
     peer_outliers,
     penalty_weights,
     weighted_sum_contribution,
@@ -426,6 +427,29 @@ def test_loss_test_flags_a_bad_shard_both_ways_in_every_layer():
     off = PenaltyConfig(weighting="uniform", anomaly_threshold=0.0, loss_ratio=0.0)
     assert not penalty_weights(norms, init_stats(3), off, losses=losses)[2].any()
     assert not penalty_weights(norms, init_stats(3), cfg)[2].any()
+
+
+def test_a_worker_the_loss_test_just_flagged_is_held_to_half_the_ratio():
+    """The sync after a bad stretch: its rest (2 of 16 steps) lifts the worker's interval loss to 1.052x
+    and 1.089x the median (norvig-big, repeated and random tokens), under Q = 1.1. On probation (flagged
+    at the previous sync) the worker is held to 1.05 both ways; a healthy worker at the same loss, or one
+    at 1.04x on probation (its next interval is an ordinary one), is not flagged."""
+    assert probation_ratio(1.1) == pytest.approx(1.05) and probation_ratio(1.25) == pytest.approx(1.125)
+    losses = torch.tensor([5.5676, 5.8689, 5.5837, 5.5722])  # median 5.578: worker 1 at 1.052x
+    nobody, worker1 = torch.zeros(4, dtype=torch.bool), torch.tensor([False, True, False, False])
+    assert loss_outliers(losses, 1.1).tolist() == [False] * 4
+    assert loss_outliers(losses, 1.1, nobody).tolist() == [False] * 4
+    assert loss_outliers(losses, 1.1, worker1).tolist() == [False, True, False, False]
+    low = torch.tensor([5.5676, 5.30, 5.5837, 5.5722])  # 1.052x below
+    assert loss_outliers(low, 1.1, worker1).tolist() == [False, True, False, False]
+    assert loss_outliers(torch.tensor([5.5676, 5.80, 5.5837, 5.5722]), 1.1, worker1).tolist() == [False] * 4
+    cfg = PenaltyConfig(weighting="uniform", anomaly_threshold=0.0, loss_ratio=1.1)
+    norms = torch.ones(4, 3)
+    assert not penalty_weights(norms, init_stats(3), cfg, losses=losses)[2].any()
+    anomalous = penalty_weights(norms, init_stats(3), cfg, losses=losses, loss_probation=worker1)[2]
+    assert anomalous.tolist() == [[False] * 3, [True] * 3, [False] * 3, [False] * 3]
+    with pytest.raises(ValueError, match="probation"):
+        loss_outliers(losses, 1.1, torch.zeros(3, dtype=torch.bool))
 
 
 def test_moment_test_flags_a_frozen_worker_in_the_layers_its_burst_hit():

@@ -56,6 +56,10 @@ def describe(directory: str, iteration: int, show_tensors: bool) -> list[str]:
         if stats is not None and int(stats["count"].max()) > 0:
             lines.append(f"penalty statistics: {int(stats['count'].max())} syncs; EWMA mean of per-layer norms "
                          f"{float(stats['mean'].mean()):.4g}")
+        probation = meta.get("loss_probation")
+        if probation is not None and bool(probation.any()):
+            lines.append("loss test probation (flagged at the last sync): " + ", ".join(
+                f"w{w}" for w in probation.nonzero().flatten().tolist()))
         if meta.get("agreed_samples") is not None:
             lines.append(f"a-edit agreed samples: {meta['agreed_samples']}")
         if meta.get("schedule"):

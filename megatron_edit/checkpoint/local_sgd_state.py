@@ -153,6 +153,7 @@ def metadata(ls, plan: LocalSGDPlan) -> dict:
     return dict(
         method=ls.cfg.method, outer_state=plan.outer_state, momentum=plan.momentum,
         penalty_stats={k: v.detach().cpu() for k, v in ls.stats.state_dict().items()},
+        loss_probation=ls.loss_probation.detach().cpu(),
         inflight=[{"unit": i, "name": ls.units[i].name, "advanced": ls.units[i].advanced,
                    "skip": ls.units[i].skip.detach().cpu()} for i in plan.inflight_units],
         error_feedback_units=list(plan.error_feedback_units),
@@ -193,6 +194,9 @@ def apply(ls, plan: LocalSGDPlan, meta: dict, loaded: dict, params_of: dict, pas
         print(" > the checkpoint has no outer state: the anchor starts from the loaded parameters", flush=True)
     if meta.get("penalty_stats") is not None:
         ls.stats.load_state_dict({k: v.to(ls.device) for k, v in meta["penalty_stats"].items()})
+    probation = meta.get("loss_probation")  # absent in checkpoints of before the probation: nobody
+    if probation is not None and probation.shape == ls.loss_probation.shape:
+        ls.loss_probation.copy_(probation)
     if meta.get("corrupt_generator") is not None:
         ls._corrupt_gen.set_state(meta["corrupt_generator"])
     saved_losses = meta.get("losses_since_sync")
