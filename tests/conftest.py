@@ -3,9 +3,9 @@
 The pytest process becomes a child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``), so processes whose parent
 died (a rank's dist_checkpointing writer, a rank of a torchrun that was killed) are re-parented to it
 rather than to init; after each test, every process still below pytest is killed, except
-multiprocessing's own resource tracker. The runners kill their process trees themselves on failure and
-timeout (megatron_edit.training.launch.run_processes, tests/megatron_lm_harness.py); this is the net
-under them.
+multiprocessing's own resource tracker and fork server (the ranks it forked are killed). The runners kill
+their process trees themselves on failure and timeout (megatron_edit.training.launch.run_processes,
+tests/megatron_lm_harness.py); this is the net under them.
 """
 import os
 import sys
@@ -13,7 +13,7 @@ import sys
 import psutil
 import pytest
 
-from megatron_edit.training.launch import become_subreaper
+from megatron_edit.training.launch import become_subreaper, is_multiprocessing_server
 
 
 def pytest_configure(config):
@@ -25,7 +25,7 @@ def _leftovers():
     out = []
     for proc in me.children(recursive=True):
         try:
-            if "resource_tracker" in " ".join(proc.cmdline()):
+            if is_multiprocessing_server(proc):
                 continue
             out.append(proc)
         except psutil.NoSuchProcess:

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from megatron_edit.training import launch
 from mp_harness import TINY_MODEL
 
 LIGHTHOUSE = """
@@ -110,17 +111,8 @@ class ElasticRun:
 
 
 def rank_pids(proc: subprocess.Popen) -> list[int]:
-    """The training ranks of a worker job (children of its launcher that run the spawn entry)."""
-    import psutil
-
-    pids = []
-    for child in psutil.Process(proc.pid).children():  # the launcher's own children (not their helpers)
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                pids.append(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return pids
+    """The training ranks of a worker job, in start order."""
+    return launch.rank_pids(proc.pid)
 
 
 def sync_lines(log: str) -> list[tuple[int, int]]:

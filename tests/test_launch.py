@@ -1,5 +1,7 @@
-"""The test runner (megatron_edit.training.launch.spawn_training): a native crash of a rank is retried once."""
+"""The test runner (megatron_edit.training.launch): a native crash of a rank is retried once; ranks forked
+from the fork server run in the launcher's environment and write to its stdout/stderr."""
 import os
+import sys
 
 import pytest
 import torch
@@ -37,3 +39,28 @@ def test_other_failures_are_not_retried(monkeypatch, crashes, argv):
     monkeypatch.setattr(launch, "run_processes", fake)
     with pytest.raises(mp.ProcessExitedException):
         launch.spawn_training(argv, 1)
+
+
+def _report(rank: int, path: str) -> None:
+    print(f"rank {rank} out {os.environ.get('LAUNCH_TEST_VALUE')}", flush=True)
+    print(f"rank {rank} err {os.getcwd()}", file=sys.stderr, flush=True)
+    with open(path + str(rank), "w") as f:
+        f.write(str(os.getppid()))
+
+
+def test_ranks_see_the_launchers_current_environment_and_output(tmp_path, monkeypatch):
+    """Two launches from one process: the fork server started by the first one is reused by the second,
+    whose ranks must still see what the launcher set and redirected in between (its environment, its
+    fds 1 and 2, its working directory)."""
+    marks = str(tmp_path / "parent")
+    for value in ("first", "second"):
+        monkeypatch.setenv("LAUNCH_TEST_VALUE", value)
+        monkeypatch.chdir(tmp_path)
+        log = str(tmp_path / f"{value}.log")
+        with launch.redirect_fds(log):
+            launch.run_processes(_report, (marks,), 2, timeout=120)
+        lines = sorted(line for line in open(log).read().splitlines() if line.startswith("rank "))
+        assert lines == [f"rank 0 err {tmp_path}", f"rank 0 out {value}", f"rank 1 err {tmp_path}",
+                         f"rank 1 out {value}"], lines
+    if "forkserver" in mp.get_all_start_methods():  # forked by a server, not spawned by us
+        assert int(open(marks + "0").read()) != os.getpid()

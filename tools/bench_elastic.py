@@ -141,7 +141,8 @@ def run_elastic(args, work: str) -> dict:
 
 
 def run_sync(args, work: str) -> dict:
-    import psutil
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+    from megatron_edit.training.launch import rank_pids
 
     tokens_per_iteration = 12 * args.seq_length
     ckpt = os.path.join(work, "ckpt")
@@ -155,9 +156,8 @@ def run_sync(args, work: str) -> dict:
                 raise RuntimeError(f"sync run ended early; see {first.log_path}")
             samples.append((time.monotonic(), first.last_iteration()))
             time.sleep(0.02)
-        ranks = [c for c in psutil.Process(first.proc.pid).children()  # the launcher's own children: ranks
-                 if "spawn_main" in " ".join(c.cmdline())]
-        os.kill(ranks[-1].pid, signal.SIGKILL)
+        ranks = rank_pids(first.proc.pid)
+        os.kill(ranks[-1], signal.SIGKILL)
         died = time.monotonic()
         reached = first.last_iteration()
         first.proc.wait(timeout=300)

@@ -188,25 +188,92 @@ def become_subreaper() -> None:
             pass
 
 
+def is_multiprocessing_server(proc) -> bool:
+    """multiprocessing's own long-lived helpers, shared by every run of this process: the resource
+    tracker and the fork server (a rank they started is still reaped)."""
+    command = " ".join(proc.cmdline())
+    return "resource_tracker" in command or "multiprocessing.forkserver" in command
+
+
+def rank_pids(launcher_pid: int) -> list[int]:
+    """The ranks a launcher process (``python -m megatron_edit.training.launch``) runs, in start order:
+    the children of its fork server (or, where ranks are spawned, its own children that run the spawn
+    entry); not the helpers the ranks start."""
+    import psutil
+
+    ranks = []
+    for child in psutil.Process(launcher_pid).children():
+        try:
+            command = " ".join(child.cmdline())
+            started = child.children() if "multiprocessing.forkserver" in command else [child]
+            ranks += [(p.create_time(), p.pid) for p in started
+                      if "multiprocessing.forkserver" in command or "spawn_main" in command]
+        except psutil.NoSuchProcess:
+            pass
+    return [pid for _, pid in sorted(ranks)]
+
+
 def _descendants() -> set[int]:
     import psutil
 
     out = set()
     for proc in psutil.Process().children(recursive=True):
         try:
-            if "resource_tracker" not in " ".join(proc.cmdline()):  # multiprocessing's own, shared
+            if not is_multiprocessing_server(proc):
                 out.add(proc.pid)
         except psutil.NoSuchProcess:
             pass
     return out
 
 
+class _InheritedFd:
+    """One of the launcher's file descriptors, passed to a rank as multiprocessing passes its own pipes
+    (``reduction.DupFd``: the rank gets a duplicate of the same open file, offset shared)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+
+        return _detach_fd, (reduction.DupFd(self.fd),)
+
+
+def _detach_fd(dup) -> int:
+    return dup.detach()
+
+
+def _in_launcher_context(rank: int, fn, environ: dict, stdio: tuple, args: tuple) -> None:
+    """Run ``fn(rank, *args)`` with the launcher's environment and stdout/stderr at the time it started
+    the ranks (a forked rank inherits the fork server's)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for target, fd in zip((1, 2), stdio):
+        if fd != target:
+            os.dup2(fd, target)
+            os.close(fd)
+    os.environ.clear()
+    os.environ.update(environ)
+    fn(rank, *args)
+
+
 def run_processes(fn, args: tuple, nprocs: int, timeout: float):
-    """torch.multiprocessing with spawn, joined with a deadline; whatever happens (a rank fails, the
-    deadline passes, the caller is interrupted) no rank or process started by a rank is left running."""
+    """torch.multiprocessing, joined with a deadline; whatever happens (a rank fails, the deadline passes,
+    the caller is interrupted) no rank or process started by a rank is left running.
+
+    Ranks fork from multiprocessing's fork server, which imported torch and megatron-core once
+    (:mod:`megatron_edit.training.rank_imports`; spawn made every rank import them again, ~7 CPU-s each).
+    A forked rank would otherwise see the fork server's environment and stdout/stderr, fixed when that
+    server started; each rank is handed this process's current ones (:func:`_in_launcher_context`), so it
+    runs as a spawned rank did. Where there is no fork server, ranks are spawned."""
     become_subreaper()
     before = _descendants()
-    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    if method == "forkserver":
+        mp.get_context(method).set_forkserver_preload(["megatron_edit.training.rank_imports"])
+    stdio = (_InheritedFd(1), _InheritedFd(2))
+    context = mp.start_processes(_in_launcher_context, args=(fn, dict(os.environ), stdio, args), nprocs=nprocs,
+                                 join=False, start_method=method)
     deadline = time.monotonic() + timeout
     try:
         while not context.join(timeout=1.0):
