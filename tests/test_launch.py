@@ -1,7 +1,6 @@
 """The test runner (megatron_edit.training.launch): a native crash of a rank is retried once; ranks forked
 from the fork server run in the launcher's environment and write to its stdout/stderr."""
 import os
-import sys
 
 import pytest
 import torch
@@ -42,8 +41,9 @@ def test_other_failures_are_not_retried(monkeypatch, crashes, argv):
 
 
 def _report(rank: int, path: str) -> None:
-    print(f"rank {rank} out {os.environ.get('LAUNCH_TEST_VALUE')}", flush=True)
-    print(f"rank {rank} err {os.getcwd()}", file=sys.stderr, flush=True)
+    # One write per line: both ranks write to the same file at once.
+    os.write(1, f"rank {rank} out {os.environ.get('LAUNCH_TEST_VALUE')}\n".encode())
+    os.write(2, f"rank {rank} err {os.getcwd()}\n".encode())
     with open(path + str(rank), "w") as f:
         f.write(str(os.getppid()))
 
