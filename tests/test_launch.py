@@ -1,6 +1,8 @@
 """The test runner (megatron_edit.training.launch): a native crash of a rank is retried once; ranks forked
 from the fork server run in the launcher's environment and write to its stdout/stderr."""
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -64,3 +66,32 @@ def test_ranks_see_the_launchers_current_environment_and_output(tmp_path, monkey
                          f"rank 1 out {value}"], lines
     if "forkserver" in mp.get_all_start_methods():  # forked by a server, not spawned by us
         assert int(open(marks + "0").read()) != os.getpid()
+
+
+def _wait_for(rank: int, path: str) -> None:
+    with open(f"{path}.pid{rank}", "w") as f:
+        f.write(str(os.getpid()))
+    while not os.path.exists(f"{path}.go"):
+        time.sleep(0.05)
+
+
+def test_a_forked_rank_is_not_taken_for_the_fork_server(tmp_path):
+    """The reapers (run_processes, tests/conftest.py) spare multiprocessing's fork server, and a rank it
+    forked carries the server's command line: a rank left running must still be found and killed."""
+    import psutil
+
+    base = str(tmp_path / "rank")
+    runner = threading.Thread(target=launch.run_processes, args=(_wait_for, (base,), 1, 120))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(base + ".pid0") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rank = psutil.Process(int(open(base + ".pid0").read()))
+        assert not launch.is_multiprocessing_server(rank)
+        assert rank.pid in {p.pid for p in psutil.Process().children(recursive=True)}
+        if "forkserver" in mp.get_all_start_methods():
+            assert launch.is_multiprocessing_server(rank.parent())
+    finally:
+        open(base + ".go", "w").close()
+        runner.join()

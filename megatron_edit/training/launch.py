@@ -188,11 +188,18 @@ def become_subreaper() -> None:
             pass
 
 
+_FORK_SERVER = "multiprocessing.forkserver"  # in the fork server's command line (and its forked ranks')
+
+
 def is_multiprocessing_server(proc) -> bool:
     """multiprocessing's own long-lived helpers, shared by every run of this process: the resource
-    tracker and the fork server (a rank they started is still reaped)."""
-    command = " ".join(proc.cmdline())
-    return "resource_tracker" in command or "multiprocessing.forkserver" in command
+    tracker and this process's fork server. Not the ranks the server forked: they carry its command line,
+    so the server is known by its pid (``multiprocessing.forkserver._forkserver._forkserver_pid``,
+    checked on Python 3.11)."""
+    from multiprocessing import forkserver
+
+    return (proc.pid == getattr(forkserver._forkserver, "_forkserver_pid", None)
+            or "resource_tracker" in " ".join(proc.cmdline()))
 
 
 def rank_pids(launcher_pid: int) -> list[int]:
@@ -205,9 +212,13 @@ def rank_pids(launcher_pid: int) -> list[int]:
     for child in psutil.Process(launcher_pid).children():
         try:
             command = " ".join(child.cmdline())
-            started = child.children() if "multiprocessing.forkserver" in command else [child]
-            ranks += [(p.create_time(), p.pid) for p in started
-                      if "multiprocessing.forkserver" in command or "spawn_main" in command]
+            if _FORK_SERVER in command:
+                started = child.children()
+            elif "spawn_main" in command:
+                started = [child]
+            else:
+                continue
+            ranks += [(p.create_time(), p.pid) for p in started]
         except psutil.NoSuchProcess:
             pass
     return [pid for _, pid in sorted(ranks)]
