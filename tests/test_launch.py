@@ -95,3 +95,26 @@ def test_a_forked_rank_is_not_taken_for_the_fork_server(tmp_path):
     finally:
         open(base + ".go", "w").close()
         runner.join()
+
+
+def test_an_exited_orphan_is_found_for_reaping_and_is_no_server():
+    """An orphan re-parented to pytest (a child subreaper) that has exited stays a zombie until pytest
+    waits for it: the suite's reaper must find it (it once skipped zombies: 73 piled up during the elastic
+    tests), and run_processes must leave it alone (it may be a caller's own Popen child)."""
+    import subprocess
+
+    import psutil
+    from conftest import leftovers
+
+    # The shell exits at once; its background child is re-parented to pytest and exits 0.3 s later.
+    out = subprocess.run(["sh", "-c", "sleep 0.3 & echo $!"], capture_output=True, text=True, check=True)
+    orphan = psutil.Process(int(out.stdout))
+    deadline = time.monotonic() + 30
+    while orphan.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert orphan.status() == psutil.STATUS_ZOMBIE and orphan.ppid() == os.getpid()
+    assert not launch.is_multiprocessing_server(orphan)
+    assert orphan.pid in {p.pid for p in leftovers()}
+    assert orphan.pid not in launch._descendants()
+    psutil.wait_procs([orphan], timeout=10)
+    assert not psutil.pid_exists(orphan.pid)

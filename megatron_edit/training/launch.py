@@ -195,11 +195,17 @@ def is_multiprocessing_server(proc) -> bool:
     """multiprocessing's own long-lived helpers, shared by every run of this process: the resource
     tracker and this process's fork server. Not the ranks the server forked: they carry its command line,
     so the server is known by its pid (``multiprocessing.forkserver._forkserver._forkserver_pid``,
-    checked on Python 3.11)."""
+    checked on Python 3.11). A zombie is none of them: it has exited and waits to be reaped."""
     from multiprocessing import forkserver
 
-    return (proc.pid == getattr(forkserver._forkserver, "_forkserver_pid", None)
-            or "resource_tracker" in " ".join(proc.cmdline()))
+    import psutil
+
+    if proc.pid == getattr(forkserver._forkserver, "_forkserver_pid", None):
+        return True
+    try:
+        return "resource_tracker" in " ".join(proc.cmdline())
+    except psutil.ZombieProcess:
+        return False
 
 
 def rank_pids(launcher_pid: int) -> list[int]:
@@ -225,12 +231,14 @@ def rank_pids(launcher_pid: int) -> list[int]:
 
 
 def _descendants() -> set[int]:
+    """This process's live descendants but multiprocessing's servers. Zombies are left to whoever waits
+    for them: one may be a caller's own ``subprocess.Popen`` child, whose exit code reaping would lose."""
     import psutil
 
     out = set()
     for proc in psutil.Process().children(recursive=True):
         try:
-            if not is_multiprocessing_server(proc):
+            if proc.status() != psutil.STATUS_ZOMBIE and not is_multiprocessing_server(proc):
                 out.add(proc.pid)
         except psutil.NoSuchProcess:
             pass
