@@ -33,6 +33,10 @@ import sys
 import tempfile
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
 LIGHTHOUSE = """
 import sys, time
 from torchft.coordination import LighthouseServer
@@ -141,7 +145,6 @@ def run_elastic(args, work: str) -> dict:
 
 
 def run_sync(args, work: str) -> dict:
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
     from megatron_edit.training.launch import rank_pids
 
     tokens_per_iteration = 12 * args.seq_length
